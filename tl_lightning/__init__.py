@@ -1,0 +1,41 @@
+"""tl-lightning: PyTorch Lightning modules for transfer learning on images.
+
+Public API (imported lazily so ``import tl_lightning`` stays light)::
+
+    from tl_lightning import build_backbone, FeatureExtractionModule, FineTuneModule, DigitsDataModule
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Backbone": "tl_lightning.backbones",
+    "DataConfig": "tl_lightning.backbones",
+    "build_backbone": "tl_lightning.backbones",
+    "list_backbones": "tl_lightning.backbones",
+    "register_backbone": "tl_lightning.backbones",
+    "build_head": "tl_lightning.heads",
+    "ClassifierModule": "tl_lightning.modules",
+    "FeatureExtractionModule": "tl_lightning.modules",
+    "FineTuneModule": "tl_lightning.modules",
+    "ImageDataModule": "tl_lightning.data",
+    "DigitsDataModule": "tl_lightning.data",
+    "CSVPredictionWriter": "tl_lightning.callbacks",
+    "OneCycleLR": "tl_lightning.optim",
+    "WarmupCosine": "tl_lightning.optim",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'tl_lightning' has no attribute '{name}'")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,5 @@
+"""``python -m tl_lightning`` == ``tl-lightning``."""
+
+from tl_lightning.cli import main
+
+main()

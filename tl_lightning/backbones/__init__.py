@@ -1,0 +1,23 @@
+"""Backbones: one contract (:class:`Backbone`) over torchvision, timm and our own networks."""
+
+from tl_lightning.backbones import efficientnet_lite0  # noqa: F401  (registers itself)
+from tl_lightning.backbones.backbone import Backbone, BNPolicy, DataConfig, LayerGroup
+from tl_lightning.backbones.registry import (
+    build_backbone,
+    list_backbones,
+    register_backbone,
+    resolve_data_config,
+    skip_pretrained_weights,
+)
+
+__all__ = [
+    "Backbone",
+    "BNPolicy",
+    "DataConfig",
+    "LayerGroup",
+    "build_backbone",
+    "list_backbones",
+    "register_backbone",
+    "resolve_data_config",
+    "skip_pretrained_weights",
+]

@@ -1,0 +1,5 @@
+"""Callbacks: prediction writing (and, as they land, unfreezing and visual logging)."""
+
+from tl_lightning.callbacks.prediction_writer import CSVPredictionWriter
+
+__all__ = ["CSVPredictionWriter"]

@@ -1,0 +1,95 @@
+"""``tl-lightning``: LightningCLI with fit/validate/test/predict, linked preprocessing and good defaults."""
+
+from __future__ import annotations
+
+import sys
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from tl_lightning.callbacks import CSVPredictionWriter
+
+
+class TLCLI(LightningCLI):
+    """The LightningCLI behind ``tl-lightning``.
+
+    Links: ``model.backbone``/``model.weights`` -> the datamodule's preprocessing, and the
+    datamodule's ``num_classes``/``class_names`` -> the model, so each is set in one place.
+    Defaults: TensorBoard logs under ``runs/``, checkpoints of the best ``val/acc`` and ``last``,
+    LearningRateMonitor, ``seed_everything: 0``, predictions to ``predictions.csv``.
+    """
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("model.init_args.backbone", "data.init_args.backbone")
+        parser.link_arguments("model.init_args.weights", "data.init_args.weights")
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.add_lightning_class_args(CSVPredictionWriter, "prediction_writer")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/acc",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-epoch{epoch:02d}",
+                "checkpoint.auto_insert_metric_name": False,
+                "trainer.logger": {
+                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    "init_args": {"save_dir": "runs", "name": "default"},
+                },
+            }
+        )
+
+    def after_fit(self) -> None:
+        trainer = self.trainer
+        if not trainer.is_global_zero:
+            return
+        ckpt = trainer.checkpoint_callback
+        val = trainer.callback_metrics.get("val/acc")
+        lines = []
+        if val is not None:
+            lines.append(f"final val/acc: {float(val):.4f}")
+        if ckpt is not None and ckpt.best_model_score is not None:
+            lines.append(f"best val/acc: {float(ckpt.best_model_score):.4f} -> {ckpt.best_model_path}")
+        if trainer.logger is not None and trainer.logger.log_dir:
+            lines.append(f"TensorBoard: tensorboard --logdir {trainer.logger.log_dir}")
+        print("\n".join(lines))
+
+
+def _print_backbones() -> None:
+    from tl_lightning.backbones import list_backbones
+
+    print("registered (offline-capable where noted):")
+    for name, description in list_backbones().items():
+        print(f"  {name:24s} {description}")
+    print("plus any torchvision classification model (e.g. resnet50, torchvision/vit_b_16)")
+    print("and any timm model (e.g. timm/convnext_tiny); weights: DEFAULT, a tag, null, or a file")
+
+
+def run_cli(args: list[str] | None = None) -> TLCLI | None:
+    """Run ``tl-lightning`` with ``args`` (default: sys.argv) and return the CLI object."""
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["backbones"]:
+        _print_backbones()
+        return None
+    return TLCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        args=argv,
+        auto_configure_optimizers=False,
+    )
+
+
+def main() -> None:
+    """Entry point of ``tl-lightning`` and ``python -m tl_lightning``."""
+    run_cli()
+
+
+if __name__ == "__main__":
+    main()

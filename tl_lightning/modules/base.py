@@ -1,0 +1,188 @@
+"""What every tl-lightning classifier shares: backbone + head, loss, metrics, optimizers, predict."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
+
+from tl_lightning.backbones import Backbone, build_backbone, skip_pretrained_weights
+from tl_lightning.heads import build_head
+from tl_lightning.optim import make_optimizer, make_scheduler
+
+
+def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
+    """Accuracy, macro F1 and (with more than 5 classes) top-5 accuracy, named ``prefix/...``."""
+    metrics = {
+        "acc": MulticlassAccuracy(num_classes, average="micro"),
+        "f1_macro": MulticlassF1Score(num_classes, average="macro"),
+    }
+    if num_classes > 5:
+        metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+    return MetricCollection(metrics, prefix=f"{prefix}/")
+
+
+def balanced_class_weights(counts: Sequence[int]) -> torch.Tensor:
+    """sklearn's ``balanced``: ``n_samples / (n_classes * count)``; absent classes get weight 0."""
+    counts_t = torch.as_tensor(counts, dtype=torch.float)
+    weights = counts_t.sum() / (len(counts_t) * counts_t.clamp(min=1))
+    return torch.where(counts_t > 0, weights, torch.zeros_like(weights))
+
+
+class ClassifierModule(LightningModule):
+    """Backbone -> head classifier with the loss, metrics, optimizer and predict logic all modules share.
+
+    Subclasses decide what trains (:meth:`param_groups`) and how the backbone runs.
+    Metric names: ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``val/f1_macro``,
+    ``val/top5`` (> 5 classes), ``test/...`` and per-class ``test/recall/<class>`` (precision, f1 too).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str = "efficientnet_lite0",
+        weights: str | None = "DEFAULT",
+        layer: str | None = None,
+        head: str = "linear",
+        head_hidden_dim: int = 512,
+        head_dropout: float = 0.0,
+        head_hidden_dropout: float = 0.0,
+        class_names: list[str] | None = None,
+        label_smoothing: float = 0.0,
+        class_weights: str | list[float] | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        channels_last: bool = True,
+    ):
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"class_names has {len(class_names)} names but num_classes is {num_classes}")
+        if isinstance(class_weights, str) and class_weights != "balanced":
+            raise ValueError(f"class_weights must be null, 'balanced' or a list of floats, got '{class_weights}'")
+        if isinstance(class_weights, list) and len(class_weights) != num_classes:
+            raise ValueError(f"class_weights has {len(class_weights)} values but num_classes is {num_classes}")
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.class_names = class_names or [str(i) for i in range(num_classes)]
+        self.backbone: Backbone = build_backbone(backbone, weights=weights, layer=layer)
+        self.head = build_head(
+            head, self.backbone.feature_dim, num_classes, head_hidden_dim, head_dropout, head_hidden_dropout
+        )
+        weight = torch.tensor(class_weights, dtype=torch.float) if isinstance(class_weights, list) else torch.ones(num_classes)
+        self.register_buffer("class_weight", weight)
+        self.train_metrics = classification_metrics(num_classes, "train")
+        self.val_metrics = classification_metrics(num_classes, "val")
+        self.test_metrics = classification_metrics(num_classes, "test")
+        self.val_confusion = MulticlassConfusionMatrix(num_classes)
+        self.test_confusion = MulticlassConfusionMatrix(num_classes)
+        self.last_confusion_matrix: torch.Tensor | None = None  # for the visual callbacks
+
+    # --- network -------------------------------------------------------------------------------
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features ``[B, D]``."""
+        if self.hparams.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, num_classes]`` for images ``[B, 3, H, W]``."""
+        return self.head(self.features(x))
+
+    def param_groups(self) -> list[dict]:
+        """Named optimizer groups; the default trains everything at the base LR."""
+        return [{"name": "all", "params": [p for p in self.parameters() if p.requires_grad], "lr_scale": 1.0}]
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if self.hparams.channels_last:
+            self.to(memory_format=torch.channels_last)
+        if self.hparams.class_weights == "balanced" and stage == "fit":
+            counts = getattr(self.trainer.datamodule, "class_counts", None)
+            if counts is None:
+                raise ValueError("class_weights: balanced needs a datamodule exposing class_counts()")
+            self.class_weight.copy_(balanced_class_weights(counts()))
+
+    def configure_optimizers(self) -> Any:
+        optimizer = make_optimizer(self.optimizer_factory, self.param_groups())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = make_scheduler(self.scheduler_factory, optimizer, self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, map_location: Any = None, **kwargs: Any):
+        """Rebuild from a checkpoint alone: no weight download, and no code execution from the file."""
+        kwargs.setdefault("weights_only", True)
+        with skip_pretrained_weights():
+            return super().load_from_checkpoint(checkpoint_path, map_location=map_location, **kwargs)
+
+    # --- steps ---------------------------------------------------------------------------------
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy with label smoothing and class weights; ``target`` may be soft (MixUp)."""
+        use_weights = self.hparams.class_weights is not None
+        return F.cross_entropy(
+            logits.float(),
+            target,
+            weight=self.class_weight if use_weights else None,
+            label_smoothing=self.hparams.label_smoothing,
+        )
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch[0], batch[1]
+        logits = self(x)
+        loss = self.loss(logits, y)
+        hard = y.argmax(dim=1) if y.is_floating_point() else y
+        self.train_metrics.update(logits.detach(), hard)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(x))
+        self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=len(x))
+        return loss
+
+    def _eval_step(self, batch: Any, stage: str) -> None:
+        x, y = batch[0], batch[1]
+        logits = self(x)
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        confusion = self.val_confusion if stage == "val" else self.test_confusion
+        metrics.update(logits, y)
+        confusion.update(logits, y)
+        self.log(f"{stage}/loss", self.loss(logits, y), prog_bar=stage == "val", sync_dist=True, batch_size=len(x))
+        self.log_dict(metrics, prog_bar=stage == "val", batch_size=len(x))
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self.last_confusion_matrix = self.val_confusion.compute().cpu()
+        self.val_confusion.reset()
+
+    def on_test_epoch_end(self) -> None:
+        cm = self.test_confusion.compute().float().cpu()
+        self.test_confusion.reset()
+        self.last_confusion_matrix = cm
+        tp = cm.diag()
+        recall = tp / cm.sum(1).clamp(min=1)
+        precision = tp / cm.sum(0).clamp(min=1)
+        f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+        for i, name in enumerate(self.class_names):
+            self.log(f"test/recall/{name}", recall[i])
+            self.log(f"test/precision/{name}", precision[i])
+            self.log(f"test/f1/{name}", f1[i])
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        """``probs`` [B, C], ``pred`` [B], ``class_name`` list, and the batch's ``id`` (e.g. file paths)."""
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        probs = self(x).float().softmax(dim=1)
+        pred = probs.argmax(dim=1)
+        ids = batch[1] if isinstance(batch, (list, tuple)) and len(batch) > 1 else None
+        return {"probs": probs, "pred": pred, "class_name": [self.class_names[i] for i in pred.tolist()], "id": ids}
