@@ -5,10 +5,11 @@ from __future__ import annotations
 import sys
 
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, _get_short_description
+from lightning.pytorch.tuner import Tuner
 
-from tl_lightning.callbacks import CSVPredictionWriter
+from tl_lightning.callbacks import CSVPredictionWriter, LRMonitor
 
 
 class TLCLI(LightningCLI):
@@ -18,7 +19,56 @@ class TLCLI(LightningCLI):
     datamodule's ``num_classes``/``class_names`` -> the model, so each is set in one place.
     Defaults: TensorBoard logs under ``runs/``, checkpoints of the best ``val/acc`` and ``last``,
     LearningRateMonitor, ``seed_everything: 0``, predictions to ``predictions.csv``.
+    Extra subcommand ``lr_find``: Lightning's LR range test on the configured model, data and
+    callbacks (GradualUnfreezing included: the test runs in the first, head-only phase).
     """
+
+    # Arguments of Tuner.lr_find that the CLI fills itself rather than taking from the command line.
+    _LR_FIND_SKIP = {"model", "train_dataloaders", "val_dataloaders", "dataloaders", "datamodule", "method", "update_attr", "attr_name"}
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "lr_find": TLCLI._LR_FIND_SKIP}
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs) -> None:
+        # Lightning looks each subcommand up on the Trainer; lr_find lives on the Tuner.
+        self._subcommand_parsers = {}
+        parser_subcommands = parser.add_subcommands()
+        for subcommand in self.subcommands():
+            klass = Tuner if subcommand == "lr_find" else self.trainer_class
+            description = _get_short_description(getattr(klass, subcommand))
+            subparser_kwargs = kwargs.get(subcommand, {})
+            subparser_kwargs.setdefault("description", description)
+            subcommand_parser = self._prepare_subcommand_parser(klass, subcommand, **subparser_kwargs)
+            self._subcommand_parsers[subcommand] = subcommand_parser
+            parser_subcommands.add_subcommand(subcommand, subcommand_parser, help=description)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand == "lr_find":
+            self.lr_find(**self._prepare_subcommand_kwargs(subcommand))
+        else:
+            super()._run_subcommand(subcommand)
+
+    def lr_find(self, model: LightningModule, datamodule: LightningDataModule | None = None, **kwargs) -> float | None:
+        """Run the LR range test, print the suggestion and the flag to use it, save ``lr_find.png``."""
+        finder = Tuner(self.trainer).lr_find(model, datamodule=datamodule, update_attr=False, **kwargs)
+        if not self.trainer.is_global_zero:
+            return None
+        if finder is None:  # Lightning skips the search under fast_dev_run
+            print("lr_find: skipped (fast_dev_run is set)")
+            return None
+        lr = finder.suggestion()
+        if lr is None:
+            print("lr_find: no suggestion (too few points; raise --num_training)")
+            return None
+        try:
+            finder.plot(suggest=True).savefig("lr_find.png")
+            plot = " (plot: lr_find.png)"
+        except Exception:  # matplotlib missing or headless trouble: the number is what matters
+            plot = ""
+        print(f"suggested learning rate: {lr:.3g}{plot}")
+        print(f"use it with: tl-lightning fit ... --model.init_args.optimizer.init_args.lr={lr:.3g}")
+        return lr
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.init_args.backbone", "data.init_args.backbone")
@@ -26,7 +76,7 @@ class TLCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.add_lightning_class_args(LRMonitor, "lr_monitor")
         parser.add_lightning_class_args(CSVPredictionWriter, "prediction_writer")
         parser.set_defaults(
             {

@@ -69,6 +69,8 @@ class OneCycleLR(torch.optim.lr_scheduler.OneCycleLR):
     def __init__(self, optimizer: Optimizer, total_steps: int | None = None, max_lr: float | list[float] | None = None, pct_start: float = 0.25, **kwargs):
         if max_lr is None:
             max_lr = [g["lr"] for g in optimizer.param_groups]
+        if total_steps:  # very short runs (smoke tests): each phase needs at least one step
+            pct_start = min(0.5, max(pct_start, 2.0 / total_steps))
         super().__init__(optimizer, max_lr=max_lr, total_steps=total_steps, pct_start=pct_start, **kwargs)
 
 

@@ -9,6 +9,7 @@ from functools import cache
 from torch import nn
 
 from tl_lightning.backbones.backbone import Backbone, DataConfig
+from tl_lightning.backbones.intermediate import cut_at
 from tl_lightning.backbones.registry import BackboneSpec
 from tl_lightning.backbones.weights import load_into, load_state_dict_file, looks_like_path
 from tl_lightning.errors import WeightsUnavailableError
@@ -95,13 +96,8 @@ def wrap(model: nn.Module, name: str, data_cfg: DataConfig, layer: str | None) -
     body: nn.Module = model
     if layer is not None:
         from timm.models import create_feature_extractor
-        from torchvision.models.feature_extraction import get_graph_node_names
 
-        nodes = get_graph_node_names(model)[1]
-        if layer not in nodes:
-            close = difflib.get_close_matches(layer, nodes, n=3)
-            raise ValueError(f"layer '{layer}' not in {name}; did you mean {close}?")
-        body = create_feature_extractor(model, return_nodes={layer: "features"})
+        body = cut_at(model, layer, name, create_feature_extractor)
     return Backbone(body, data_cfg, spec_, name=name)
 
 
@@ -111,20 +107,36 @@ def build(arch: str, weights: str | None, layer: str | None) -> Backbone:
 
 
 def group_spec(model: nn.Module) -> list[tuple[str, list[str]]]:
-    """Groups from timm's own ``group_matcher`` (stem, stages/blocks, head), named by common prefix."""
+    """Stage-level groups following timm's ``group_matcher`` order: ``stem``, stages, ``neck``.
+
+    timm's matcher gives one group per block and folds the last block into the head; we name
+    each parameter by its stage container (``blocks.1``, ``layer3``, ``stages.2``), everything
+    before the first stage is ``stem`` and everything after the last is ``neck``.
+    """
     from timm.models import group_parameters
 
     if not hasattr(model, "group_matcher"):
         return [(n, [n]) for n, c in model.named_children() if any(True for _ in c.parameters())]
-    grouped = group_parameters(model, model.group_matcher(coarse=True))
-    groups = []
-    for i, names in enumerate(grouped.values()):
-        prefix = os.path.commonprefix([n.split(".") for n in names])
-        digits = [j for j, part in enumerate(prefix) if part.isdigit()]
-        prefix = prefix[: digits[0] + 1] if digits else prefix  # 'blocks.0.0' -> 'blocks.0'
-        label = "stem" if i == 0 else (".".join(prefix) if prefix else f"group{i}")
-        groups.append((label, list(names)))
-    # The last group often shares no prefix (final conv + norm, e.g. conv_head|bn2).
-    if len(groups) > 1 and groups[-1][0].startswith("group"):
-        groups[-1] = ("head_conv", groups[-1][1])
+    ordered = [n for names in group_parameters(model, model.group_matcher(coarse=False)).values() for n in names]
+    groups: list[tuple[str, list[str]]] = []
+    seen_stage = False
+    for name in ordered:
+        stage = _stage_of(model, name)
+        seen_stage = seen_stage or stage is not None
+        label = stage or ("neck" if seen_stage else "stem")
+        if groups and groups[-1][0] == label:
+            groups[-1][1].append(name)
+        else:
+            groups.append((label, [name]))
     return groups
+
+
+def _stage_of(model: nn.Module, param_name: str) -> str | None:
+    """The first numbered container on the parameter's path (``blocks.1.0.conv.w`` -> ``blocks.1``)."""
+    parts = param_name.split(".")[:-1]
+    for j, part in enumerate(parts):
+        if any(c.isdigit() for c in part):
+            prefix = ".".join(parts[: j + 1])
+            if any(any(True for _ in c.parameters()) for c in model.get_submodule(prefix).children()):
+                return prefix
+    return None

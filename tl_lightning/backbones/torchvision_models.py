@@ -8,6 +8,7 @@ from functools import cache
 from torch import nn
 
 from tl_lightning.backbones.backbone import Backbone, DataConfig
+from tl_lightning.backbones.intermediate import cut_at
 from tl_lightning.backbones.registry import BackboneSpec
 from tl_lightning.backbones.weights import load_into, load_state_dict_file, looks_like_path
 from tl_lightning.errors import WeightsUnavailableError
@@ -60,7 +61,7 @@ def data_config(arch: str, weights: str | None) -> DataConfig:
         std=tuple(t.std),
         input_size=crop,
         interpolation=t.interpolation.value,
-        crop_pct=round(crop / resize, 4),
+        crop_pct=crop / resize,
         fixed_input_size=arch.startswith(("vit_", "maxvit")),
     )
 
@@ -81,13 +82,7 @@ def build(arch: str, weights: str | None, layer: str | None) -> Backbone:
         load_into(model, load_state_dict_file(weights), str(weights))
     body: nn.Module = model
     if layer is not None:
-        from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
-
-        nodes = get_graph_node_names(model)[1]
-        if layer not in nodes:
-            close = difflib.get_close_matches(layer, nodes, n=3)
-            raise ValueError(f"layer '{layer}' not in {arch}; did you mean {close}? (all: get_graph_node_names)")
-        body = create_feature_extractor(model, return_nodes={layer: "features"})
+        body = cut_at(model, layer, arch)
     return Backbone(body, data_config(arch, weights), group_spec(model, arch), name=f"torchvision/{arch}")
 
 

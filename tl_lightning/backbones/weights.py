@@ -54,33 +54,31 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Copy ``state`` into ``model``, stripping a common key prefix; every model tensor must be found.
+    """Copy ``state`` into ``model``, stripping a common key prefix; the two must really match.
 
-    Extra keys (e.g. the old classifier) are ignored and logged; a missing or mis-shaped tensor
-    is an error, so wrong weights can never load half-way in silence.
+    Every model tensor must be found with its shape; the file may hold one extra layer (the old
+    classifier, dropped with the head). Anything else means another architecture: an error, so
+    wrong weights never load half-way in silence.
     """
     own = model.state_dict()
-    best: dict[str, torch.Tensor] = {}
-    for prefix in _PREFIXES:
-        cand = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        cand = {k: v for k, v in cand.items() if k in own}
-        if len(cand) > len(best):
-            best = cand
-    if not best:
+    prefix = max(_PREFIXES, key=lambda pre: sum(k[len(pre) :] in own for k in state if k.startswith(pre)))
+    mine = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    found = {k: v for k, v in mine.items() if k in own}
+    if not found:
         raise WeightsUnavailableError(
             f"no tensor in '{source}' matches the model's parameter names "
             f"(model expects e.g. {list(own)[:3]}, file has e.g. {list(state)[:3]})"
         )
-    wrong = [k for k, v in best.items() if v.shape != own[k].shape]
-    missing = [k for k in own if k not in best and not k.endswith("num_batches_tracked")]
-    if wrong or missing:
+    wrong = [k for k, v in found.items() if v.shape != own[k].shape]
+    missing = [k for k in own if k not in found and not k.endswith("num_batches_tracked")]
+    extra_layers = sorted({k.rsplit(".", 1)[0] for k in mine if k not in own})
+    if wrong or missing or len(extra_layers) > 1:
         raise WeightsUnavailableError(
-            f"weights '{source}' do not fit this architecture: "
-            f"{len(missing)} missing (e.g. {missing[:3]}), {len(wrong)} mis-shaped (e.g. "
-            + ", ".join(f"{k} {tuple(best[k].shape)} vs {tuple(own[k].shape)}" for k in wrong[:3])
+            f"weights '{source}' do not fit this architecture: {len(missing)} missing (e.g. {missing[:3]}), "
+            f"{len(extra_layers)} extra layers (e.g. {extra_layers[:3]}), {len(wrong)} mis-shaped (e.g. "
+            + ", ".join(f"{k} {tuple(found[k].shape)} vs {tuple(own[k].shape)}" for k in wrong[:3])
             + ")"
         )
-    model.load_state_dict(best, strict=False)
-    extra = len(state) - len(best)
-    if extra:
-        log.info("loaded %d tensors from %s; ignored %d extra (old classifier etc.)", len(best), source, extra)
+    model.load_state_dict(found, strict=False)
+    if extra_layers:
+        log.info("loaded %d tensors from %s; dropped the old classifier %s", len(found), source, extra_layers[0])

@@ -1,5 +1,6 @@
 """Callbacks: prediction writing (and, as they land, unfreezing and visual logging)."""
 
+from tl_lightning.callbacks.lr_monitor import LRMonitor
 from tl_lightning.callbacks.prediction_writer import CSVPredictionWriter
 
-__all__ = ["CSVPredictionWriter"]
+__all__ = ["CSVPredictionWriter", "LRMonitor"]

@@ -1,0 +1,205 @@
+"""The shared LightningDataModule: preprocessing from the backbone, splits, loaders, imbalance."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler, default_collate
+
+from tl_lightning.backbones import DataConfig, resolve_data_config
+from tl_lightning.data.transforms import (
+    AUGMENT_PRESETS,
+    batch_mixer,
+    eval_transform,
+    train_transform,
+)
+
+SAMPLERS = (None, "weighted")
+
+
+def stratified_split(
+    labels: Sequence[int], fractions: Sequence[float], seed: int
+) -> list[np.ndarray]:
+    """Split indices into len(fractions) parts with the same class proportions in each, seeded.
+
+    Every class with enough samples appears in every part; the parts are disjoint and cover
+    all indices.
+    """
+    from sklearn.model_selection import train_test_split
+
+    if not np.isclose(sum(fractions), 1.0):
+        raise ValueError(f"split fractions must sum to 1, got {list(fractions)}")
+    labels = np.asarray(labels)
+    remaining = np.arange(len(labels))
+    parts, left = [], 1.0
+    for frac in fractions[:-1]:
+        take, remaining = train_test_split(
+            remaining, train_size=frac / left, stratify=labels[remaining], random_state=seed
+        )
+        parts.append(np.sort(take))
+        left -= frac
+    return [*parts, np.sort(remaining)]
+
+
+def carve_val(
+    labels: Sequence[int], val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded stratified ``(train_indices, val_indices)`` for datasets without a validation split."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    train, val = stratified_split(labels, (1.0 - val_fraction, val_fraction), seed)
+    return train, val
+
+
+class MixCollate:
+    """Collate, then MixUp/CutMix the whole batch (a class, so worker processes can pickle it)."""
+
+    def __init__(self, mixer):
+        self.mixer = mixer
+
+    def __call__(self, samples):
+        return self.mixer(*default_collate(samples))
+
+
+class ImageDataModule(LightningDataModule):
+    """Base of every tl-lightning datamodule.
+
+    Preprocessing (mean, std, size, interpolation, crop) comes from the backbone named by
+    ``backbone``/``weights``; under the CLI these are linked from the model so they cannot disagree.
+
+    Args:
+        backbone, weights: the backbone whose preprocessing to use.
+        image_size: override the backbone's input size (low-resolution runs).
+        augment: train augmentation preset: ``none``, ``basic`` or ``strong``.
+        mixup_alpha, cutmix_alpha: batch-level MixUp / CutMix (soft targets) when > 0.
+        batch_size, num_workers: loader settings; ``num_workers=None`` picks a sensible default.
+        sampler: ``weighted`` draws training samples inversely to class frequency.
+        seed: seeds the splits.
+        predict_dir: folder of images for ``predict``.
+
+    Subclasses fill ``train_set``, ``val_set``, ``test_set`` in :meth:`setup` and implement
+    :attr:`class_names` and :meth:`train_labels`.
+    """
+
+    default_workers = 4  # loaders decoding files; in-memory datasets override with 0
+
+    def __init__(
+        self,
+        backbone: str = "efficientnet_lite0",
+        weights: str | None = "DEFAULT",
+        image_size: int | None = None,
+        augment: str = "none",
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        batch_size: int = 64,
+        num_workers: int | None = None,
+        sampler: str | None = None,
+        seed: int = 0,
+        predict_dir: str | None = None,
+    ):
+        super().__init__()
+        if augment not in AUGMENT_PRESETS:
+            raise ValueError(f"unknown augment preset '{augment}'; valid: {list(AUGMENT_PRESETS)}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler '{sampler}'; valid: {list(SAMPLERS)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.save_hyperparameters()
+        self.data_config: DataConfig = resolve_data_config(backbone, weights)
+        self.image_size = image_size or self.data_config.input_size
+        if self.data_config.fixed_input_size and self.image_size != self.data_config.input_size:
+            raise ValueError(
+                f"backbone '{backbone}' only takes {self.data_config.input_size}px input; "
+                f"image_size={image_size} cannot work (remove image_size or pick another backbone)"
+            )
+        self.batch_size = batch_size
+        workers = self.default_workers if num_workers is None else num_workers
+        self.num_workers = min(workers, os.cpu_count() or 1)
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    # --- what subclasses provide -------------------------------------------------------------
+    @property
+    def class_names(self) -> list[str]:
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def train_labels(self) -> np.ndarray:
+        """Labels of the training split (for class counts and the weighted sampler)."""
+        raise NotImplementedError
+
+    # --- shared ------------------------------------------------------------------------------
+    def class_counts(self) -> list[int]:
+        return np.bincount(self.train_labels(), minlength=self.num_classes).tolist()
+
+    def train_transform(self, resize: bool = True, hflip: bool = True):
+        return train_transform(
+            self.data_config, self.image_size, self.hparams.augment, hflip, resize
+        )
+
+    def eval_transform(self, resize: bool = True):
+        return eval_transform(self.data_config, self.image_size, resize)
+
+    def _pin_memory(self) -> bool:
+        """Pinned host memory only speeds up copies to a GPU: on when the trainer runs on CUDA."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return trainer.strategy.root_device.type == "cuda"
+        return torch.cuda.is_available()
+
+    def _loader(
+        self, dataset: Dataset | None, name: str, train: bool = False, **kwargs
+    ) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__} has no {name} split; call setup() first")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            # keep workers between epochs: no re-spawn (and dataset re-pickle) each epoch
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self._pin_memory(),
+            drop_last=train and len(dataset) > self.batch_size,
+            **kwargs,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        mixer = batch_mixer(self.hparams.mixup_alpha, self.hparams.cutmix_alpha, self.num_classes)
+        kwargs: dict = {"collate_fn": MixCollate(mixer)} if mixer else {}
+        if self.hparams.sampler == "weighted":
+            labels = self.train_labels()
+            per_class = 1.0 / np.maximum(np.bincount(labels, minlength=self.num_classes), 1)
+            generator = torch.Generator().manual_seed(self.hparams.seed)
+            kwargs["sampler"] = WeightedRandomSampler(
+                per_class[labels].tolist(),
+                num_samples=len(labels),
+                replacement=True,
+                generator=generator,
+            )
+        else:
+            kwargs["shuffle"] = True
+        return self._loader(self.train_set, "train", train=True, **kwargs)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, "val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, "test")
+
+    def predict_dataloader(self) -> DataLoader:
+        from tl_lightning.data.folder import ImageFilesDataset, skip_failed_collate
+
+        if not self.hparams.predict_dir:
+            raise ValueError(
+                "predict needs data.predict_dir: a folder of images (e.g. --data.predict_dir my_images/)"
+            )
+        dataset = ImageFilesDataset(self.hparams.predict_dir, self.eval_transform())
+        return self._loader(dataset, "predict", collate_fn=skip_failed_collate)
