@@ -1,6 +1,16 @@
 """LightningDataModules and the datasets behind them."""
 
 from tl_lightning.data.base import ImageDataModule, stratified_split
+from tl_lightning.data.cats_dogs import CatsDogsDataModule
+from tl_lightning.data.cifar10 import CIFAR10DataModule
 from tl_lightning.data.digits import DigitsDataModule
+from tl_lightning.data.flowers102 import Flowers102DataModule
 
-__all__ = ["DigitsDataModule", "ImageDataModule", "stratified_split"]
+__all__ = [
+    "CIFAR10DataModule",
+    "CatsDogsDataModule",
+    "DigitsDataModule",
+    "Flowers102DataModule",
+    "ImageDataModule",
+    "stratified_split",
+]

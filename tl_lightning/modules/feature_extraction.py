@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
+from tl_lightning.feature_cache import FeatureDataset, cache_key, cached_features, dataset_fingerprint
 from tl_lightning.modules.base import ClassifierModule
 
 # Lightning warns when modules are in eval mode at fit start; here that is the point.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+
+_SPLITS = {"fit": ("train_set", "val_set"), "validate": ("val_set",), "test": ("test_set",)}
 
 
 class FeatureExtractionModule(ClassifierModule):
@@ -20,16 +25,35 @@ class FeatureExtractionModule(ClassifierModule):
     ``model.train()`` on the frozen network and lost 17 accuracy points on digits). It runs
     under ``no_grad``: no activations are kept for a backward pass that would not use them.
 
+    With ``cache_features`` (default) and a deterministic train pipeline (``augment: none``, no
+    MixUp/CutMix), each split's features are computed once into an on-disk memory-mapped cache
+    keyed by backbone weights, layer, preprocessing and data; epochs then train the head on them.
+    With augmentation on, images go through the backbone every step as usual. Under DDP rank 0
+    fills the cache while the other ranks wait, then every rank reads it.
+
+    Args:
+        cache_features: cache frozen features when the train pipeline is deterministic.
+        cache_dir: where caches live (default ``$TL_LIGHTNING_CACHE`` or ``~/.cache/tl_lightning/features``).
+        cache_dtype: ``float32`` or ``float16`` (half the disk and page cache, ~1e-3 relative error).
+        Everything else: see :class:`~tl_lightning.modules.base.ClassifierModule`.
+
     Example:
         >>> model = FeatureExtractionModule(num_classes=10, backbone="efficientnet_lite0")
         >>> model(torch.randn(2, 3, 64, 64)).shape
         torch.Size([2, 10])
-
-    All arguments are those of :class:`~tl_lightning.modules.base.ClassifierModule`.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(
+        self,
+        *args,
+        cache_features: bool = True,
+        cache_dir: str | None = None,
+        cache_dtype: str = "float32",
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
+        if cache_dtype not in ("float32", "float16"):
+            raise ValueError(f"cache_dtype must be 'float32' or 'float16', got '{cache_dtype}'")
         self.backbone.freeze(bn="eval")
         self.backbone.eval()
 
@@ -39,8 +63,56 @@ class FeatureExtractionModule(ClassifierModule):
         return self
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 2:  # already features (from the cache)
+            return x.float()
         with torch.no_grad():
             return super().features(x)
 
     def param_groups(self) -> list[dict]:
         return [{"name": "head", "params": list(self.head.parameters()), "lr_scale": 1.0}]
+
+    # --- feature caching -----------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if not self.hparams.cache_features or datamodule is None:
+            return
+        hp = getattr(datamodule, "hparams", {})
+        if hp.get("augment", "none") != "none" or hp.get("mixup_alpha") or hp.get("cutmix_alpha"):
+            rank_zero_info("feature caching off: the train pipeline is random (augment/MixUp/CutMix)")
+            return
+        for split in _SPLITS.get(stage, ()):
+            dataset = getattr(datamodule, split, None)
+            if dataset is not None and not isinstance(dataset, FeatureDataset):
+                setattr(datamodule, split, self._cache(dataset, split))
+
+    def _cache(self, dataset, split: str) -> FeatureDataset:
+        transform = getattr(dataset, "transform", None)
+        key = cache_key(
+            backbone=self.hparams.backbone,
+            layer=self.hparams.layer,
+            weights=self._weights_fingerprint(),
+            data=dataset_fingerprint(dataset, repr(transform)),
+            dtype=self.hparams.cache_dtype,
+        )
+        trainer = self.trainer
+        args = dict(
+            key=key,
+            cache_dir=self.hparams.cache_dir,
+            dtype=self.hparams.cache_dtype,
+            device=trainer.strategy.root_device,
+            forward_context=trainer.precision_plugin.forward_context,
+            desc=f"caching {split.removesuffix('_set')} features",
+        )
+        self.backbone.to(trainer.strategy.root_device)
+        if trainer.is_global_zero:
+            cached_features(self.backbone, dataset, **args)
+        trainer.strategy.barrier("feature_cache")
+        return cached_features(self.backbone, dataset, **args)  # a cache hit on every rank
+
+    def _weights_fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for name, tensor in self.backbone.state_dict().items():
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()

@@ -1,0 +1,138 @@
+"""CIFAR10DataModule on real-format pickle batches: prepared root, download path, splits, CLI."""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torchvision.datasets import CIFAR10
+
+from tests.data.conftest import CIFAR_PER_CLASS_PER_BATCH
+from tl_lightning.cli import run_cli
+from tl_lightning.data.cifar10 import CIFAR10_CLASSES, CIFAR10DataModule
+from tl_lightning.errors import DataError
+
+SMALL = {
+    "backbone": "resnet18",
+    "weights": None,
+    "image_size": 32,
+    "batch_size": 4,
+    "num_workers": 0,
+}
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "cifar10"
+N_TRAIN = 5 * 10 * CIFAR_PER_CLASS_PER_BATCH
+
+
+def test_prepared_root_splits_and_batches(cifar10_patched):
+    dm = CIFAR10DataModule(
+        root=str(cifar10_patched.root), download=False, val_fraction=0.2, **SMALL
+    )
+    assert dm.class_names == CIFAR10_CLASSES and dm.num_classes == 10
+    dm.prepare_data()  # download: false -> nothing to do
+    dm.setup()
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (
+        80,
+        20,
+        10 * CIFAR_PER_CLASS_PER_BATCH,
+    )
+    assert Counter(dm.val_set.labels.tolist()) == dict.fromkeys(range(10), 2)  # stratified
+    assert dm.class_counts() == [8] * 10
+    x, y = next(iter(dm.val_dataloader()))
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32
+    # eval at native size is exactly ToTensor + the backbone's normalisation of the stored pixels
+    raw = CIFAR10(str(cifar10_patched.root), train=True)
+    idx = dm._parts[1][0]
+    mean, std = (
+        torch.tensor(dm.data_config.mean)[:, None, None],
+        torch.tensor(dm.data_config.std)[:, None, None],
+    )
+    expected = (torch.from_numpy(raw.data[idx]).permute(2, 0, 1).float() / 255 - mean) / std
+    assert torch.allclose(dm.val_set[0][0], expected, atol=1e-5)
+    assert dm.val_set[0][1] == raw.targets[idx]
+
+
+def test_upsampled_images(cifar10_patched):
+    dm = CIFAR10DataModule(
+        root=str(cifar10_patched.root), download=False, **{**SMALL, "image_size": 64}
+    )
+    dm.setup("fit")
+    assert dm.val_set[0][0].shape == (3, 64, 64)
+    assert dm.train_set[0][0].shape == (3, 64, 64)
+
+
+def test_val_split_is_seeded(cifar10_patched):
+    a = CIFAR10DataModule(root=str(cifar10_patched.root), download=False, seed=1, **SMALL)
+    b = CIFAR10DataModule(root=str(cifar10_patched.root), download=False, seed=1, **SMALL)
+    c = CIFAR10DataModule(root=str(cifar10_patched.root), download=False, seed=2, **SMALL)
+    for dm in (a, b, c):
+        dm.setup("fit")
+    assert np.array_equal(a._parts[1], b._parts[1]) and not np.array_equal(a._parts[1], c._parts[1])
+
+
+def test_download_checksum_extract_load(cifar10_patched, loopback, tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        CIFAR10, "url", loopback.add("cifar-10-python.tar.gz", cifar10_patched.archive)
+    )
+    loopback.cuts["cifar-10-python.tar.gz"] = 1  # and the first attempt is cut off mid-body
+    dm = CIFAR10DataModule(root=str(tmp_path / "data"), **SMALL)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert len(dm.train_set) + len(dm.val_set) == N_TRAIN
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [
+        "cifar-10-batches-py",
+        "cifar-10-python.tar.gz",
+    ]
+    assert [r[1] is not None for r in loopback.requests] == [False, True]  # resumed with Range
+    dm.prepare_data()  # verified on disk: no second download
+    assert len(loopback.requests) == 2
+
+
+def test_download_with_wrong_checksum_leaves_nothing(
+    cifar10_patched, loopback, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(
+        CIFAR10, "url", loopback.add("cifar-10-python.tar.gz", cifar10_patched.archive)
+    )
+    monkeypatch.setattr(CIFAR10, "tgz_md5", "0" * 32)
+    dm = CIFAR10DataModule(root=str(tmp_path / "data"), **SMALL)
+    with pytest.raises(DataError, match="md5"):
+        dm.prepare_data()
+    assert list((tmp_path / "data").iterdir()) == []
+    with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
+        dm.setup("fit")
+
+
+def test_corrupted_batch_is_detected(cifar10_patched, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(cifar10_patched.root, root)
+    with open(root / "cifar-10-batches-py" / "data_batch_3", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02")
+    dm = CIFAR10DataModule(root=str(root), download=False, **SMALL)
+    with pytest.raises(FileNotFoundError, match="not found \\(or corrupted\\).*set download: true"):
+        dm.setup("fit")
+
+
+@pytest.mark.parametrize("config", ["feature_extraction_resnet50.yaml", "finetune_resnet50.yaml"])
+def test_shipped_configs_fit_under_the_cli(cifar10_patched, tmp_path, monkeypatch, config):
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "fit",
+        "--config",
+        str(CONFIGS / config),
+        "--model.init_args.backbone=resnet18",
+        "--model.init_args.weights=null",
+        f"--data.init_args.root={cifar10_patched.root}",
+        "--data.init_args.download=false",
+        "--data.init_args.image_size=32",
+        "--data.init_args.batch_size=4",
+        "--data.init_args.num_workers=0",
+        "--trainer.fast_dev_run=true",
+    ]
+    cli = run_cli(args)
+    assert cli.model.class_names == CIFAR10_CLASSES
+    assert cli.trainer.state.finished

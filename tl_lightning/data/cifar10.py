@@ -1,0 +1,158 @@
+"""CIFAR-10 (60,000 32x32 colour images in 10 classes) on ``torchvision.datasets.CIFAR10``."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from tl_lightning.data.base import ImageDataModule, carve_val
+from tl_lightning.data.digits import TensorImageDataset
+from tl_lightning.data.download import check_file, download_url, extract_archive
+from tl_lightning.data.transforms import eval_transform
+from tl_lightning.errors import DataError
+
+CIFAR10_CLASSES = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+]
+NATIVE_SIZE = 32
+
+
+def _dataset_class():
+    from torchvision.datasets import CIFAR10
+
+    return CIFAR10
+
+
+def cifar10_ready(root: str | Path) -> bool:
+    """True when every CIFAR-10 batch file under ``root`` matches torchvision's md5."""
+    cls = _dataset_class()
+    folder = Path(root) / cls.base_folder
+    files = [*cls.train_list, *cls.test_list, [cls.meta["filename"], cls.meta["md5"]]]
+    return all(check_file(folder / name, md5, "md5") for name, md5 in files)
+
+
+def download_cifar10(root: str | Path) -> None:
+    """Fetch and unpack the CIFAR-10 python archive into ``root`` (verified md5, safe extraction)."""
+    cls, root = _dataset_class(), Path(root)
+    if cifar10_ready(root):
+        return
+    archive = download_url(cls.url, root / cls.filename, cls.tgz_md5, "md5")
+    extract_archive(archive, root)
+    if not cifar10_ready(root):
+        raise DataError(
+            f"{archive} was verified but its batch files under {root / cls.base_folder} do not match "
+            f"torchvision's checksums; delete {root / cls.base_folder} and {archive} and retry"
+        )
+
+
+class CIFAR10DataModule(ImageDataModule):
+    """CIFAR-10: train 50,000 / test 10,000; validation carved from train (seeded, stratified).
+
+    Data lives in ``{root}/cifar-10-batches-py`` (the archive ``cifar-10-python.tar.gz`` is kept
+    next to it). The whole set is held in memory as uint8 (180 MB). At ``image_size: 32`` images are
+    used at their native size; larger sizes upsample the full image (no center crop: at 32 px
+    every border pixel counts).
+
+    Args:
+        root: folder holding ``cifar-10-batches-py``.
+        download: fetch the archive (~170 MB, md5-checked) when missing.
+        val_fraction: share of the training set held out for validation.
+
+    Example:
+        >>> dm = CIFAR10DataModule(root="data", backbone="resnet18", weights=None, image_size=32)
+        >>> dm.prepare_data(); dm.setup("fit")  # doctest: +SKIP
+        >>> dm.class_names[:3]
+        ['airplane', 'automobile', 'bird']
+    """
+
+    def __init__(
+        self,
+        *args,
+        root: str = "data",
+        download: bool = True,
+        val_fraction: float = 0.1,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        self.root = Path(root)
+        self._train_data: tuple[torch.Tensor, np.ndarray] | None = None
+        self._parts: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(CIFAR10_CLASSES)
+
+    def prepare_data(self) -> None:
+        if self.hparams.download:
+            download_cifar10(self.root)
+
+    def _load(self, train: bool) -> tuple[torch.Tensor, np.ndarray]:
+        if not cifar10_ready(self.root):
+            hint = (
+                "call prepare_data() first (the Trainer does)"
+                if self.hparams.download
+                else "set download: true"
+            )
+            raise FileNotFoundError(
+                f"CIFAR-10 not found (or corrupted) under '{self.root / _dataset_class().base_folder}'; "
+                f"{hint}, or point root at the folder holding cifar-10-batches-py"
+            )
+        ds = _dataset_class()(str(self.root), train=train, download=False)
+        if list(ds.classes) != CIFAR10_CLASSES:
+            raise DataError(
+                f"batches.meta under {self.root} lists classes {ds.classes}, expected {CIFAR10_CLASSES}"
+            )
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # uint8 [N, 3, 32, 32]
+        return images, np.asarray(ds.targets, dtype=np.int64)
+
+    def _prepare_train(self) -> None:
+        if self._train_data is None:
+            self._train_data = self._load(train=True)
+            self._parts = carve_val(
+                self._train_data[1], self.hparams.val_fraction, self.hparams.seed
+            )
+            rank_zero_info(
+                f"CIFAR-10: {len(self._parts[0])} train / {len(self._parts[1])} val images "
+                f"(val_fraction={self.hparams.val_fraction}, seed={self.hparams.seed})"
+            )
+
+    def train_labels(self) -> np.ndarray:
+        self._prepare_train()
+        return self._train_data[1][self._parts[0]]
+
+    def _eval_transform(self):
+        if self.image_size == NATIVE_SIZE:
+            return self.eval_transform(resize=False)
+        # upsample the whole 32 px image: a crop_pct crop would throw away 1/8 of the object
+        return eval_transform(dataclasses.replace(self.data_config, crop_pct=1.0), self.image_size)
+
+    def setup(self, stage: str | None = None) -> None:
+        eval_tf = self._eval_transform()
+        if stage in (None, "fit", "validate"):
+            self._prepare_train()
+            images, labels = self._train_data
+            train_idx, val_idx = self._parts
+            # resize=False: RandomResizedCrop keeps 60-100% of a small image instead of 8-100%
+            train_tf = (
+                eval_tf if self.hparams.augment == "none" else self.train_transform(resize=False)
+            )
+            self.train_set = TensorImageDataset(images[train_idx], labels[train_idx], train_tf)
+            self.val_set = TensorImageDataset(images[val_idx], labels[val_idx], eval_tf)
+        if stage in (None, "test"):
+            images, labels = self._load(train=False)
+            self.test_set = TensorImageDataset(images, labels, eval_tf)
