@@ -24,6 +24,10 @@ _EXPORTS = {
     "ImageDataModule": "tl_lightning.data",
     "DigitsDataModule": "tl_lightning.data",
     "CSVPredictionWriter": "tl_lightning.callbacks",
+    "GradualUnfreezing": "tl_lightning.callbacks",
+    "CIFAR10DataModule": "tl_lightning.data",
+    "Flowers102DataModule": "tl_lightning.data",
+    "CatsDogsDataModule": "tl_lightning.data",
     "OneCycleLR": "tl_lightning.optim",
     "WarmupCosine": "tl_lightning.optim",
 }

@@ -24,7 +24,16 @@ class TLCLI(LightningCLI):
     """
 
     # Arguments of Tuner.lr_find that the CLI fills itself rather than taking from the command line.
-    _LR_FIND_SKIP = {"model", "train_dataloaders", "val_dataloaders", "dataloaders", "datamodule", "method", "update_attr", "attr_name"}
+    _LR_FIND_SKIP = {
+        "model",
+        "train_dataloaders",
+        "val_dataloaders",
+        "dataloaders",
+        "datamodule",
+        "method",
+        "update_attr",
+        "attr_name",
+    }
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -39,7 +48,9 @@ class TLCLI(LightningCLI):
             description = _get_short_description(getattr(klass, subcommand))
             subparser_kwargs = kwargs.get(subcommand, {})
             subparser_kwargs.setdefault("description", description)
-            subcommand_parser = self._prepare_subcommand_parser(klass, subcommand, **subparser_kwargs)
+            subcommand_parser = self._prepare_subcommand_parser(
+                klass, subcommand, **subparser_kwargs
+            )
             self._subcommand_parsers[subcommand] = subcommand_parser
             parser_subcommands.add_subcommand(subcommand, subcommand_parser, help=description)
 
@@ -49,9 +60,13 @@ class TLCLI(LightningCLI):
         else:
             super()._run_subcommand(subcommand)
 
-    def lr_find(self, model: LightningModule, datamodule: LightningDataModule | None = None, **kwargs) -> float | None:
+    def lr_find(
+        self, model: LightningModule, datamodule: LightningDataModule | None = None, **kwargs
+    ) -> float | None:
         """Run the LR range test, print the suggestion and the flag to use it, save ``lr_find.png``."""
-        finder = Tuner(self.trainer).lr_find(model, datamodule=datamodule, update_attr=False, **kwargs)
+        finder = Tuner(self.trainer).lr_find(
+            model, datamodule=datamodule, update_attr=False, **kwargs
+        )
         if not self.trainer.is_global_zero:
             return None
         if finder is None:  # Lightning skips the search under fast_dev_run
@@ -67,14 +82,20 @@ class TLCLI(LightningCLI):
         except Exception:  # matplotlib missing or headless trouble: the number is what matters
             plot = ""
         print(f"suggested learning rate: {lr:.3g}{plot}")
-        print(f"use it with: tl-lightning fit ... --model.init_args.optimizer.init_args.lr={lr:.3g}")
+        print(
+            f"use it with: tl-lightning fit ... --model.init_args.optimizer.init_args.lr={lr:.3g}"
+        )
         return lr
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.init_args.backbone", "data.init_args.backbone")
         parser.link_arguments("model.init_args.weights", "data.init_args.weights")
-        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
-        parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
+        parser.link_arguments(
+            "data.num_classes", "model.init_args.num_classes", apply_on="instantiate"
+        )
+        parser.link_arguments(
+            "data.class_names", "model.init_args.class_names", apply_on="instantiate"
+        )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(LRMonitor, "lr_monitor")
         parser.add_lightning_class_args(CSVPredictionWriter, "prediction_writer")
@@ -102,7 +123,9 @@ class TLCLI(LightningCLI):
         if val is not None:
             lines.append(f"final val/acc: {float(val):.4f}")
         if ckpt is not None and ckpt.best_model_score is not None:
-            lines.append(f"best val/acc: {float(ckpt.best_model_score):.4f} -> {ckpt.best_model_path}")
+            lines.append(
+                f"best val/acc: {float(ckpt.best_model_score):.4f} -> {ckpt.best_model_path}"
+            )
         if trainer.logger is not None and trainer.logger.log_dir:
             lines.append(f"TensorBoard: tensorboard --logdir {trainer.logger.log_dir}")
         print("\n".join(lines))

@@ -2,5 +2,6 @@
 
 from tl_lightning.callbacks.lr_monitor import LRMonitor
 from tl_lightning.callbacks.prediction_writer import CSVPredictionWriter
+from tl_lightning.callbacks.unfreezing import GradualUnfreezing
 
-__all__ = ["CSVPredictionWriter", "LRMonitor"]
+__all__ = ["CSVPredictionWriter", "GradualUnfreezing", "LRMonitor"]

@@ -19,6 +19,9 @@ class FineTuneModule(ClassifierModule):
         bn: BatchNorm policy for frozen groups.
 
     Param groups are named ``head`` and ``backbone.<group>`` so LearningRateMonitor shows them.
+    Fully frozen groups stay out of the optimizer unless ``include_frozen_groups`` is True (set
+    by :class:`~tl_lightning.callbacks.unfreezing.GradualUnfreezing`, which needs every group
+    in the optimizer from the start and gates the frozen ones itself).
 
     Example:
         >>> model = FineTuneModule(num_classes=10, backbone="resnet18", weights=None, lr_decay=0.5)
@@ -36,15 +39,20 @@ class FineTuneModule(ClassifierModule):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        self.include_frozen_groups = False  # not a hyperparameter: a callback's contract
         if not 0 < lr_decay <= 1:
             raise ValueError(f"lr_decay must be in (0, 1], got {lr_decay}")
         names = self.backbone.group_names()
         unknown = set(group_lrs or {}) - set(names) - {"head"}
         if unknown:
-            raise ValueError(f"group_lrs names {sorted(unknown)} are not groups of {self.hparams.backbone}; valid: {['head', *names]}")
+            raise ValueError(
+                f"group_lrs names {sorted(unknown)} are not groups of {self.hparams.backbone}; valid: {['head', *names]}"
+            )
         if train_groups is not None:
             if not 0 <= train_groups <= len(names):
-                raise ValueError(f"train_groups must be in 0..{len(names)} for {self.hparams.backbone}, got {train_groups}")
+                raise ValueError(
+                    f"train_groups must be in 0..{len(names)} for {self.hparams.backbone}, got {train_groups}"
+                )
             frozen = names[: len(names) - train_groups]
             if frozen:
                 self.backbone.freeze(frozen, bn=bn)
@@ -53,9 +61,17 @@ class FineTuneModule(ClassifierModule):
         explicit = self.hparams.group_lrs or {}
         groups = [self._group("head", list(self.head.parameters()), 1.0, explicit)]
         for depth, group in enumerate(reversed(self.backbone.layer_groups()), start=1):
-            params = [p for p in group.params if p.requires_grad]
-            if params:  # fully frozen groups stay out of the optimizer
-                groups.append(self._group(group.name, params, self.hparams.lr_decay**depth, explicit, "backbone."))
+            params = (
+                group.params
+                if self.include_frozen_groups
+                else [p for p in group.params if p.requires_grad]
+            )
+            if params:  # fully frozen groups stay out of the optimizer unless asked for
+                groups.append(
+                    self._group(
+                        group.name, params, self.hparams.lr_decay**depth, explicit, "backbone."
+                    )
+                )
         return groups
 
     @staticmethod
