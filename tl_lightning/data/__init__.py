@@ -4,12 +4,16 @@ from tl_lightning.data.base import ImageDataModule, stratified_split
 from tl_lightning.data.cats_dogs import CatsDogsDataModule
 from tl_lightning.data.cifar10 import CIFAR10DataModule
 from tl_lightning.data.digits import DigitsDataModule
+from tl_lightning.data.digits_m import DigitsMDataModule
+from tl_lightning.data.domain import DomainAdaptationDataModule
 from tl_lightning.data.flowers102 import Flowers102DataModule
 
 __all__ = [
     "CIFAR10DataModule",
     "CatsDogsDataModule",
     "DigitsDataModule",
+    "DigitsMDataModule",
+    "DomainAdaptationDataModule",
     "Flowers102DataModule",
     "ImageDataModule",
     "stratified_split",

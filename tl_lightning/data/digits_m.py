@@ -42,27 +42,37 @@ def load_photo(name: str) -> np.ndarray:
     try:
         photo = np.asarray(loader())
     except ModuleNotFoundError as e:  # a few skimage images need the `pooch` download helper
-        raise ValueError(f"scikit-image photo '{name}' is not bundled offline; pick one of {list(DEFAULT_PHOTOS)}") from e
+        raise ValueError(
+            f"scikit-image photo '{name}' is not bundled offline; pick one of {list(DEFAULT_PHOTOS)}"
+        ) from e
     if photo.dtype != np.uint8:
-        raise ValueError(f"scikit-image image '{name}' is {photo.dtype}, not a uint8 photo; pick one of {list(DEFAULT_PHOTOS)}")
+        raise ValueError(
+            f"scikit-image image '{name}' is {photo.dtype}, not a uint8 photo; pick one of {list(DEFAULT_PHOTOS)}"
+        )
     if photo.ndim == 2:
         photo = np.repeat(photo[..., None], 3, axis=2)
     return np.ascontiguousarray(photo[..., :3])
 
 
-def blend_with_photos(images: torch.Tensor, seed: int, photos: Sequence[str] = DEFAULT_PHOTOS) -> torch.Tensor:
+def blend_with_photos(
+    images: torch.Tensor, seed: int, photos: Sequence[str] = DEFAULT_PHOTOS
+) -> torch.Tensor:
     """MNIST-M blend: ``|patch - digit|`` per channel, one random photo patch per image.
 
     ``images`` is uint8 ``[N, 3, S, S]``; image ``i`` always gets the same patch for a given
     ``seed`` (drawn in index order), so a dataset is reproducible and splits can be taken after.
     """
     if not photos:
-        raise ValueError("photos must name at least one scikit-image photo, e.g. ['astronaut', 'coffee']")
+        raise ValueError(
+            "photos must name at least one scikit-image photo, e.g. ['astronaut', 'coffee']"
+        )
     pics = [load_photo(name) for name in photos]
     n, _, size, _ = images.shape
-    for name, pic in zip(photos, pics):
+    for name, pic in zip(photos, pics, strict=True):
         if min(pic.shape[:2]) < size:
-            raise ValueError(f"photo '{name}' ({pic.shape[1]}x{pic.shape[0]}) is smaller than image_size={size}")
+            raise ValueError(
+                f"photo '{name}' ({pic.shape[1]}x{pic.shape[0]}) is smaller than image_size={size}"
+            )
     rng = np.random.default_rng(seed)
     which = rng.integers(len(pics), size=n)
     corner = rng.random((n, 2))
@@ -157,5 +167,5 @@ class DigitsMDataModule(ImageDataModule):
         eval_tf = self.eval_transform(resize=False)
         self.train_set, self.val_set, self.test_set = (
             TensorImageDataset(self._images[idx], self._labels[idx], tf)
-            for idx, tf in zip(self._parts, (train_tf, eval_tf, eval_tf))
+            for idx, tf in zip(self._parts, (train_tf, eval_tf, eval_tf), strict=True)
         )

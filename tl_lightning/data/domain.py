@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
@@ -51,10 +52,18 @@ def _build(spec: dict | ImageDataModule, shared: dict[str, Any], role: str) -> I
     except (ImportError, AttributeError, ValueError) as e:
         raise ValueError(f"{role}.class_path '{spec['class_path']}' cannot be imported: {e}") from e
     if not (isinstance(cls, type) and issubclass(cls, ImageDataModule)):
-        raise ValueError(f"{role}.class_path '{spec['class_path']}' is not an ImageDataModule subclass")
+        raise ValueError(
+            f"{role}.class_path '{spec['class_path']}' is not an ImageDataModule subclass"
+        )
     init_args = dict(spec.get("init_args") or {})
     init_args.update({k: v for k, v in shared.items() if v is not None or k == "weights"})
-    return cls(**init_args)
+    # LightningCLI hands the *outer* config to every save_hyperparameters() called while it builds
+    # this datamodule; clear it so the inner datamodule records its own arguments.
+    token = _given_hyperparameters.set(None)
+    try:
+        return cls(**init_args)
+    finally:
+        _given_hyperparameters.reset(token)
 
 
 class DomainAdaptationDataModule(LightningDataModule):
@@ -94,8 +103,17 @@ class DomainAdaptationDataModule(LightningDataModule):
     ):
         super().__init__()
         # datamodule instances (Python use) are not plain values: keep them out of the hparams
-        self.save_hyperparameters(ignore=[k for k, v in (("source", source), ("target", target)) if not isinstance(v, dict)])
-        shared = {"backbone": backbone, "weights": weights, "image_size": image_size, "batch_size": batch_size}
+        self.save_hyperparameters(
+            ignore=[
+                k for k, v in (("source", source), ("target", target)) if not isinstance(v, dict)
+            ]
+        )
+        shared = {
+            "backbone": backbone,
+            "weights": weights,
+            "image_size": image_size,
+            "batch_size": batch_size,
+        }
         self.source = _build(source, shared, "source")
         self.target = _build(target, shared, "target")
         for name in ("sampler", "mixup_alpha", "cutmix_alpha"):
@@ -104,7 +122,9 @@ class DomainAdaptationDataModule(LightningDataModule):
                     f"target.{name}={self.target.hparams[name]!r} would use target labels in training; "
                     f"remove it from the target datamodule (set it on the source instead)"
                 )
-        if [c.lower() for c in self.source.class_names] != [c.lower() for c in self.target.class_names]:
+        if [c.lower() for c in self.source.class_names] != [
+            c.lower() for c in self.target.class_names
+        ]:
             raise DataError(
                 f"source classes {self.source.class_names} differ from target classes "
                 f"{self.target.class_names}; domain adaptation needs one label space (filter or map them)"
@@ -136,7 +156,9 @@ class DomainAdaptationDataModule(LightningDataModule):
     def train_dataloader(self) -> CombinedLoader:
         target = self.target
         if target.train_set is None:
-            raise RuntimeError("DomainAdaptationDataModule has no target train split; call setup() first")
+            raise RuntimeError(
+                "DomainAdaptationDataModule has no target train split; call setup() first"
+            )
         target_loader = DataLoader(
             ImagesOnly(target.train_set),
             batch_size=target.batch_size,

@@ -1,0 +1,194 @@
+"""DANN vs source-only on the offline digits -> digits-M pair: target-test accuracy over seeds.
+
+    python benchmarks/dann.py                 # default: 1500 steps x 3 seeds (~5 min on 2 idle cores)
+    python benchmarks/dann.py --full          # the planning length: 3000 steps of 64 + 64
+    python benchmarks/dann.py --efficientnet  # add fine-tuned EfficientNet-Lite0 rows (slow on CPU)
+
+Every run trains the same code (``DANNModule``) with ``source_only`` on or off, then reports the
+target-test accuracy of the final weights (no target label is used for training or selection).
+Prints a markdown table: mean +- std over seeds, side by side, and the DANN - source-only gain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import logging
+import multiprocessing
+import statistics
+import time
+import warnings
+
+import torch
+from lightning.pytorch import Trainer, seed_everything
+
+import tl_lightning.backbones.dann_cnn  # noqa: F401  (registers dann_cnn)
+from tl_lightning.data.domain import DomainAdaptationDataModule
+from tl_lightning.modules.dann import DANNModule
+
+PAPER = "MNIST -> MNIST-M (Ganin et al. 2016): source-only 0.5225, DANN 0.7666"
+
+
+def digits_pair(
+    backbone: str, weights: str | None, image_size: int, batch_size: int
+) -> DomainAdaptationDataModule:
+    part = "tl_lightning.data.digits_m.DigitsMDataModule"
+    return DomainAdaptationDataModule(
+        source={"class_path": part, "init_args": {"part": "source", "blend": False}},
+        target={"class_path": part, "init_args": {"part": "target"}},
+        backbone=backbone,
+        weights=weights,
+        image_size=image_size,
+        batch_size=batch_size,
+    )
+
+
+def model_args(backbone: str) -> dict:
+    if backbone == "dann_cnn":  # the paper's digits recipe: from scratch, all layers at lr0
+        return dict(
+            weights=None,
+            head_hidden_dims=[100, 100],
+            domain_hidden_dims=[100],
+            domain_dropout=0.0,
+            backbone_lr_scale=1.0,
+            channels_last=False,
+        )
+    # fine-tuned pretrained backbone: paper's deep recipe (bottleneck 256, 1024-1024 domain head, 0.1x backbone)
+    return dict(
+        weights="DEFAULT",
+        bottleneck_dim=256,
+        domain_hidden_dims=[1024, 1024],
+        domain_dropout=0.5,
+        backbone_lr_scale=0.1,
+        channels_last=True,
+    )
+
+
+def run(
+    backbone: str,
+    source_only: bool,
+    seed: int,
+    steps: int,
+    image_size: int,
+    batch_size: int,
+    threads: int,
+) -> tuple[float, float, float]:
+    """Train one model; returns (target-test acc, final train/domain_acc, seconds)."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(threads)  # one thread per run: runs go in parallel, no oversubscription
+    seed_everything(seed, workers=True, verbose=False)
+    args = model_args(backbone)
+    dm = digits_pair(backbone, args["weights"], image_size, batch_size)
+    model = DANNModule(num_classes=10, backbone=backbone, source_only=source_only, **args)
+    trainer = Trainer(
+        max_steps=steps,
+        max_epochs=-1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,  # no selection: the final weights are reported
+        num_sanity_val_steps=0,
+    )
+    start = time.perf_counter()
+    trainer.fit(model, dm)
+    seconds = time.perf_counter() - start
+    domain_acc = float(trainer.callback_metrics["train/domain_acc_epoch"])
+    test = trainer.test(model, dm, verbose=False)[0]
+    return test["test/acc"], domain_acc, seconds
+
+
+def mean_std(xs: list[float]) -> str:
+    return f"{statistics.mean(xs):.3f} +- {statistics.stdev(xs) if len(xs) > 1 else 0.0:.3f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--full", action="store_true", help="3000 steps per run (the planning length)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="steps per run (default 1500, --full 3000)"
+    )
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--image-size", type=int, default=28)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=64,
+        help="per domain: a batch is this many source + target",
+    )
+    parser.add_argument(
+        "--efficientnet",
+        action="store_true",
+        help="also fine-tune efficientnet_lite0 (slow on CPU)",
+    )
+    parser.add_argument("--efficientnet-steps", type=int, default=200)
+    parser.add_argument("--efficientnet-size", type=int, default=64)
+    parser.add_argument(
+        "--workers", type=int, default=2, help="runs trained in parallel (processes)"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    args = parser.parse_args()
+    steps = args.steps or (3000 if args.full else 1500)
+
+    configs = [("dann_cnn", steps, args.image_size)]
+    if args.efficientnet:
+        configs.append(("efficientnet_lite0", args.efficientnet_steps, args.efficientnet_size))
+    jobs = [
+        (backbone, source_only, seed, n_steps, size, args.batch_size, args.threads)
+        for backbone, n_steps, size in configs
+        for seed in range(args.seeds)
+        for source_only in (True, False)
+    ]
+    results: dict[tuple, tuple[float, float, float]] = {}
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=context) as pool:
+        futures = {pool.submit(run, *job): job for job in jobs}
+        for future in concurrent.futures.as_completed(futures):
+            backbone, source_only, seed = futures[future][:3]
+            acc, dacc, sec = results[futures[future]] = future.result()
+            name = "source-only" if source_only else "DANN"
+            print(
+                f"  {backbone} {name:11s} seed {seed}: target acc {acc:.3f}, domain_acc {dacc:.3f}, {sec:.0f}s",
+                flush=True,
+            )
+    rows = []
+    for backbone, n_steps, size in configs:
+        result = {
+            so: [v for k, v in results.items() if k[0] == backbone and k[1] == so]
+            for so in (True, False)
+        }
+        rows.append(
+            (
+                backbone,
+                n_steps,
+                size,
+                [r[0] for r in result[True]],
+                [r[0] for r in result[False]],
+                result,
+            )
+        )
+
+    print(
+        f"\nDigits -> digits-M, target-test accuracy, {args.seeds} seeds, batches of {args.batch_size} + {args.batch_size}\n"
+    )
+    print("| backbone | steps | px | source-only | DANN | gain | domain_acc (so / DANN) | s/run |")
+    print("|---|---|---|---|---|---|---|---|")
+    for backbone, n_steps, size, so, da, result in rows:
+        gain = statistics.mean(da) - statistics.mean(so)
+        dso = statistics.mean(r[1] for r in result[True])
+        dda = statistics.mean(r[1] for r in result[False])
+        sec = statistics.mean(r[2] for rs in result.values() for r in rs)
+        print(
+            f"| {backbone} | {n_steps} | {size} | {mean_std(so)} | {mean_std(da)} | {gain:+.3f} | {dso:.2f} / {dda:.2f} | {sec:.0f} |"
+        )
+    print(f"\nReference: {PAPER}.")
+
+
+if __name__ == "__main__":
+    main()
