@@ -136,3 +136,15 @@ def test_shipped_configs_fit_under_the_cli(cifar10_patched, tmp_path, monkeypatc
     cli = run_cli(args)
     assert cli.model.class_names == CIFAR10_CLASSES
     assert cli.trainer.state.finished
+
+
+def test_class_subset_is_relabelled_in_the_given_order(cifar10_patched):
+    dm = CIFAR10DataModule(root=str(cifar10_patched.root), download=False, classes=["dog", "cat"], val_fraction=0.2, **SMALL)
+    dm.setup()
+    assert dm.class_names == ["dog", "cat"] and dm.num_classes == 2
+    raw = CIFAR10(str(cifar10_patched.root), train=False)
+    originals = [raw.targets[i] for i in range(len(raw.targets)) if raw.targets[i] in (3, 5)]
+    assert dm.test_set.labels.tolist() == [0 if t == 5 else 1 for t in originals]
+    assert dm.class_counts() == [8, 8]
+    with pytest.raises(ValueError, match="unknown \\['kangaroo'\\]"):
+        CIFAR10DataModule(root=str(cifar10_patched.root), download=False, classes=["cat", "kangaroo"], **SMALL)

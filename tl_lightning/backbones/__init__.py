@@ -1,6 +1,6 @@
 """Backbones: one contract (:class:`Backbone`) over torchvision, timm and our own networks."""
 
-from tl_lightning.backbones import dann_cnn, efficientnet_lite0  # noqa: F401  (register themselves)
+from tl_lightning.backbones import conv4, dann_cnn, efficientnet_lite0  # noqa: F401  (register themselves)
 from tl_lightning.backbones.backbone import Backbone, BNPolicy, DataConfig, LayerGroup
 from tl_lightning.backbones.registry import (
     build_backbone,

@@ -6,6 +6,8 @@ from tl_lightning.data.cifar10 import CIFAR10DataModule
 from tl_lightning.data.digits import DigitsDataModule
 from tl_lightning.data.digits_m import DigitsMDataModule
 from tl_lightning.data.domain import DomainAdaptationDataModule
+from tl_lightning.data.episodic import EpisodicBatchSampler, FewShotDataModule
+from tl_lightning.data.few_shot_folder import FewShotPredictDataModule
 from tl_lightning.data.flowers102 import Flowers102DataModule
 
 __all__ = [
@@ -14,6 +16,9 @@ __all__ = [
     "DigitsDataModule",
     "DigitsMDataModule",
     "DomainAdaptationDataModule",
+    "EpisodicBatchSampler",
+    "FewShotDataModule",
+    "FewShotPredictDataModule",
     "Flowers102DataModule",
     "ImageDataModule",
     "stratified_split",

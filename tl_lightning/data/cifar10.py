@@ -70,6 +70,8 @@ class CIFAR10DataModule(ImageDataModule):
         root: folder holding ``cifar-10-batches-py``.
         download: fetch the archive (~170 MB, md5-checked) when missing.
         val_fraction: share of the training set held out for validation.
+        classes: keep only these classes, relabelled 0..k-1 in this order (e.g. ``[cat, dog]``
+            as the target domain of Cats-vs-Dogs).
 
     Example:
         >>> dm = CIFAR10DataModule(root="data", backbone="resnet18", weights=None, image_size=32)
@@ -84,9 +86,14 @@ class CIFAR10DataModule(ImageDataModule):
         root: str = "data",
         download: bool = True,
         val_fraction: float = 0.1,
+        classes: list[str] | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        unknown = sorted(set(classes or []) - set(CIFAR10_CLASSES))
+        if unknown or (classes is not None and len(set(classes)) < 2):
+            raise ValueError(f"classes must be 2+ distinct CIFAR-10 classes; unknown {unknown}; valid: {CIFAR10_CLASSES}")
+        self.classes = list(classes) if classes else list(CIFAR10_CLASSES)
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         self.root = Path(root)
@@ -95,7 +102,7 @@ class CIFAR10DataModule(ImageDataModule):
 
     @property
     def class_names(self) -> list[str]:
-        return list(CIFAR10_CLASSES)
+        return list(self.classes)
 
     def prepare_data(self) -> None:
         if self.hparams.download:
@@ -118,7 +125,12 @@ class CIFAR10DataModule(ImageDataModule):
                 f"batches.meta under {self.root} lists classes {ds.classes}, expected {CIFAR10_CLASSES}"
             )
         images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # uint8 [N, 3, 32, 32]
-        return images, np.asarray(ds.targets, dtype=np.int64)
+        targets = np.asarray(ds.targets, dtype=np.int64)
+        # relabel the kept classes 0..k-1 in the order given (identity for all 10)
+        relabel = np.full(len(CIFAR10_CLASSES), -1)
+        relabel[[CIFAR10_CLASSES.index(c) for c in self.classes]] = np.arange(len(self.classes))
+        keep = relabel[targets] >= 0
+        return images[torch.from_numpy(keep)], relabel[targets][keep]
 
     def _prepare_train(self) -> None:
         if self._train_data is None:
