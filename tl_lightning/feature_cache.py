@@ -43,7 +43,13 @@ class FeatureDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int):
-        return torch.from_numpy(np.asarray(self.features[index], dtype=np.float32)), int(self.labels[index])
+        return torch.from_numpy(np.array(self.features[index], dtype=np.float32)), int(self.labels[index])
+
+    def __getitems__(self, indices: list[int]) -> list:
+        """A whole batch in one memmap read (the DataLoader's fetcher uses this when present)."""
+        idx = np.asarray(indices)
+        features = torch.from_numpy(np.array(self.features[idx], dtype=np.float32))
+        return list(zip(features, self.labels[idx].tolist()))
 
 
 def dataset_fingerprint(dataset: Dataset, transform_repr: str) -> str:

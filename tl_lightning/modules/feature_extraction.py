@@ -94,6 +94,7 @@ class FeatureExtractionModule(ClassifierModule):
             weights=self._weights_fingerprint(),
             data=dataset_fingerprint(dataset, repr(transform)),
             dtype=self.hparams.cache_dtype,
+            precision=str(self.trainer.precision),  # bf16 features differ from fp32 ones
         )
         trainer = self.trainer
         args = dict(
