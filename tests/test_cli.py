@@ -60,7 +60,8 @@ def test_fit_then_predict_a_folder_to_csv(tmp_path, monkeypatch):
         Image.fromarray((arr * 15).astype("uint8")).save(images / f"digit{i}.png")
     (images / "broken.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
     run_cli(["predict", "--config", config, *TINY, "--ckpt_path=ckpt/last.ckpt", f"--data.init_args.predict_dir={images}", "--prediction_writer.output=preds.csv", "--trainer.logger=false"])
-    rows = list(csv.DictReader(open(tmp_path / "preds.csv")))
+    with open(tmp_path / "preds.csv") as f:
+        rows = list(csv.DictReader(f))
     assert sorted(Path(r["file"]).name for r in rows) == [f"digit{i}.png" for i in range(5)]
     assert all(r["class"] in [str(i) for i in range(10)] and 0 < float(r["probability"]) <= 1 for r in rows)
 

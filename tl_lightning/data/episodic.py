@@ -18,6 +18,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 
 from tl_lightning.backbones import conv4 as _conv4  # noqa: F401  (registers the default backbone)
 from tl_lightning.data.base import ImageDataModule, stratified_split
+from tl_lightning.data.cifar10 import CIFAR10_CLASSES
 from tl_lightning.data.digits import TensorImageDataset, load_digits_images
 from tl_lightning.data.folder import list_images, load_rgb
 from tl_lightning.errors import DataError
@@ -25,18 +26,6 @@ from tl_lightning.errors import DataError
 log = logging.getLogger(__name__)
 
 DATASETS = ("digits", "cifar10", "flowers102", "folder")
-CIFAR10_CLASSES = [
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-]
 
 
 class EpisodicBatchSampler(BatchSampler):

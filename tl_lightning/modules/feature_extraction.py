@@ -8,7 +8,12 @@ import warnings
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from tl_lightning.feature_cache import FeatureDataset, cache_key, cached_features, dataset_fingerprint
+from tl_lightning.feature_cache import (
+    FeatureDataset,
+    cache_key,
+    cached_features,
+    dataset_fingerprint,
+)
 from tl_lightning.modules.base import ClassifierModule
 
 # Lightning warns when modules are in eval mode at fit start; here that is the point.
