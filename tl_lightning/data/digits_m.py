@@ -15,8 +15,8 @@ from functools import cache
 import numpy as np
 import torch
 
-from tl_lightning.data.base import ImageDataModule, stratified_split
-from tl_lightning.data.digits import TensorImageDataset, load_digits_images
+from tl_lightning.data.base import stratified_split
+from tl_lightning.data.digits import DigitsDataModule, load_digits_images
 
 DEFAULT_PHOTOS = (
     "astronaut",
@@ -101,7 +101,7 @@ def domain_part(labels: np.ndarray, part: str, seed: int = 0) -> np.ndarray:
     return source if part == "source" else target
 
 
-class DigitsMDataModule(ImageDataModule):
+class DigitsMDataModule(DigitsDataModule):
     """Digits-M: scikit-learn digits on natural-photo patches (a MNIST-M-like target domain, offline).
 
     Args:
@@ -119,8 +119,6 @@ class DigitsMDataModule(ImageDataModule):
         torch.Size([64, 3, 28, 28])
     """
 
-    default_workers = 0  # in memory: worker processes would cost more than they save
-
     def __init__(
         self,
         *args,
@@ -132,20 +130,12 @@ class DigitsMDataModule(ImageDataModule):
         split: tuple[float, float, float] = (0.6, 0.2, 0.2),
         **kwargs,
     ):
-        super().__init__(*args, image_size=image_size, **kwargs)
+        super().__init__(*args, image_size=image_size, split=split, **kwargs)
         if part not in PARTS:
             raise ValueError(f"unknown part '{part}'; valid: {list(PARTS)}")
         self.part, self.blend = part, blend
         self.photos = list(photos) if photos is not None else list(DEFAULT_PHOTOS)
         self.photo_seed = photo_seed
-        self.split = tuple(split)
-        self._images: torch.Tensor | None = None
-        self._labels: np.ndarray | None = None
-        self._parts: list[np.ndarray] | None = None
-
-    @property
-    def class_names(self) -> list[str]:
-        return [str(i) for i in range(10)]
 
     def _prepare(self) -> None:
         if self._parts is not None:
@@ -156,16 +146,3 @@ class DigitsMDataModule(ImageDataModule):
         keep = domain_part(labels, self.part)
         self._images, self._labels = images[keep], labels[keep]
         self._parts = stratified_split(self._labels, self.split, seed=self.hparams.seed)
-
-    def train_labels(self) -> np.ndarray:
-        self._prepare()
-        return self._labels[self._parts[0]]
-
-    def setup(self, stage: str | None = None) -> None:
-        self._prepare()
-        train_tf = self.train_transform(resize=False, hflip=False)
-        eval_tf = self.eval_transform(resize=False)
-        self.train_set, self.val_set, self.test_set = (
-            TensorImageDataset(self._images[idx], self._labels[idx], tf)
-            for idx, tf in zip(self._parts, (train_tf, eval_tf, eval_tf), strict=True)
-        )
