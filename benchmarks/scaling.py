@@ -29,7 +29,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import add_threads_arg, apply_threads, fmt, print_header, print_table
+from _common import (
+    add_threads_arg,
+    apply_threads,
+    bare_trainer_kwargs,
+    fmt,
+    print_header,
+    print_table,
+)
 from torch.utils.data import Dataset
 
 BACKBONE = "resnet18"
@@ -119,15 +126,7 @@ def worker(args) -> None:
         cache_dir=args.cache_dir,
         cache_dtype=args.cache_dtype,
     )
-    trainer = Trainer(
-        max_epochs=args.epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = Trainer(max_epochs=args.epochs, **bare_trainer_kwargs())
     start = time.perf_counter()
     trainer.fit(model, datamodule=dm)
     seconds = time.perf_counter() - start

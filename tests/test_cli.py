@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import print_config
 from tl_lightning.cli import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,25 +19,18 @@ TRAINER_PRESETS = sorted((ROOT / "configs" / "trainer").glob("*.yaml"))
 TINY = ["--model.init_args.backbone=resnet18", "--model.init_args.weights=null", "--data.init_args.image_size=32"]
 
 
-def _print_config(args: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(args + ["--print_config"])
-    assert exit_info.value.code in (0, None)
-    return capsys.readouterr().out
-
-
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
-def test_every_config_round_trips_through_print_config(config, tmp_path, capsys):
-    first = _print_config(["fit", "--config", str(config)], capsys)
+def test_every_config_round_trips_throughprint_config(config, tmp_path, capsys):
+    first = print_config(["fit", "--config", str(config)], capsys)
     dumped = tmp_path / "dumped.yaml"
     dumped.write_text(first)
-    second = _print_config(["fit", "--config", str(dumped)], capsys)
+    second = print_config(["fit", "--config", str(dumped)], capsys)
     assert yaml.safe_load(first) == yaml.safe_load(second)
 
 
 @pytest.mark.parametrize("preset", TRAINER_PRESETS, ids=lambda p: p.name)
 def test_trainer_presets_compose_with_the_quickstart(preset, capsys):
-    out = _print_config(["fit", "--config", str(ROOT / "configs/quickstart.yaml"), "--config", str(preset)], capsys)
+    out = print_config(["fit", "--config", str(ROOT / "configs/quickstart.yaml"), "--config", str(preset)], capsys)
     assert yaml.safe_load(out)["trainer"]["accelerator"] == yaml.safe_load(preset.read_text())["trainer"]["accelerator"]
 
 

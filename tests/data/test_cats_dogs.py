@@ -14,18 +14,13 @@ import torch
 
 import tl_lightning.data.cats_dogs as cats_dogs
 from tests.data.conftest import PET_BROKEN, PET_ODD, PET_PER_CLASS, sha256
+from tests.helpers import TINY_DATA, tiny_fit_args
 from tl_lightning.cli import run_cli
 from tl_lightning.data.cats_dogs import CatsDogsDataModule
 from tl_lightning.errors import DataError, UnsafeFileError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "cats_dogs"
-SMALL = {
-    "backbone": "resnet18",
-    "weights": None,
-    "image_size": 32,
-    "batch_size": 4,
-    "num_workers": 0,
-}
+SMALL = TINY_DATA
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -237,21 +232,8 @@ trainer:
 
 def test_shipped_config_fits_and_logs_per_class_test_metrics(petimages_root, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = [
-        "fit",
-        "--config",
-        str(CONFIGS / "feature_extraction_vgg16.yaml"),
-        "--model.init_args.backbone=resnet18",
-        "--model.init_args.weights=null",
-        f"--data.init_args.root={petimages_root}",
-        "--data.init_args.download=false",
-        "--data.init_args.sampler=weighted",
-        "--data.init_args.image_size=32",
-        "--data.init_args.batch_size=4",
-        "--data.init_args.num_workers=0",
-        "--trainer.fast_dev_run=true",
-    ]
-    cli = run_cli(args)
+    args = tiny_fit_args(CONFIGS / "feature_extraction_vgg16.yaml", petimages_root)
+    cli = run_cli([*args, "--data.init_args.sampler=weighted"])
     assert cli.model.class_names == ["Cat", "Dog"] and cli.model.hparams.num_classes == 2
     cli.trainer.test(cli.model, datamodule=cli.datamodule)
     metrics = cli.trainer.callback_metrics

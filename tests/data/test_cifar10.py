@@ -12,17 +12,12 @@ import torch
 from torchvision.datasets import CIFAR10
 
 from tests.data.conftest import CIFAR_PER_CLASS_PER_BATCH
+from tests.helpers import TINY_DATA, tiny_fit_args
 from tl_lightning.cli import run_cli
 from tl_lightning.data.cifar10 import CIFAR10_CLASSES, CIFAR10DataModule
 from tl_lightning.errors import DataError
 
-SMALL = {
-    "backbone": "resnet18",
-    "weights": None,
-    "image_size": 32,
-    "batch_size": 4,
-    "num_workers": 0,
-}
+SMALL = TINY_DATA
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "cifar10"
 N_TRAIN = 5 * 10 * CIFAR_PER_CLASS_PER_BATCH
 
@@ -120,26 +115,19 @@ def test_corrupted_batch_is_detected(cifar10_patched, tmp_path):
 @pytest.mark.parametrize("config", ["feature_extraction_resnet50.yaml", "finetune_resnet50.yaml"])
 def test_shipped_configs_fit_under_the_cli(cifar10_patched, tmp_path, monkeypatch, config):
     monkeypatch.chdir(tmp_path)
-    args = [
-        "fit",
-        "--config",
-        str(CONFIGS / config),
-        "--model.init_args.backbone=resnet18",
-        "--model.init_args.weights=null",
-        f"--data.init_args.root={cifar10_patched.root}",
-        "--data.init_args.download=false",
-        "--data.init_args.image_size=32",
-        "--data.init_args.batch_size=4",
-        "--data.init_args.num_workers=0",
-        "--trainer.fast_dev_run=true",
-    ]
-    cli = run_cli(args)
+    cli = run_cli(tiny_fit_args(CONFIGS / config, cifar10_patched.root))
     assert cli.model.class_names == CIFAR10_CLASSES
     assert cli.trainer.state.finished
 
 
 def test_class_subset_is_relabelled_in_the_given_order(cifar10_patched):
-    dm = CIFAR10DataModule(root=str(cifar10_patched.root), download=False, classes=["dog", "cat"], val_fraction=0.2, **SMALL)
+    dm = CIFAR10DataModule(
+        root=str(cifar10_patched.root),
+        download=False,
+        classes=["dog", "cat"],
+        val_fraction=0.2,
+        **SMALL,
+    )
     dm.setup()
     assert dm.class_names == ["dog", "cat"] and dm.num_classes == 2
     raw = CIFAR10(str(cifar10_patched.root), train=False)
@@ -147,4 +135,6 @@ def test_class_subset_is_relabelled_in_the_given_order(cifar10_patched):
     assert dm.test_set.labels.tolist() == [0 if t == 5 else 1 for t in originals]
     assert dm.class_counts() == [8, 8]
     with pytest.raises(ValueError, match="unknown \\['kangaroo'\\]"):
-        CIFAR10DataModule(root=str(cifar10_patched.root), download=False, classes=["cat", "kangaroo"], **SMALL)
+        CIFAR10DataModule(
+            root=str(cifar10_patched.root), download=False, classes=["cat", "kangaroo"], **SMALL
+        )

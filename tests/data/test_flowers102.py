@@ -10,17 +10,12 @@ import torch
 from scipy.io import loadmat
 from torchvision.datasets import Flowers102
 
+from tests.helpers import TINY_DATA, tiny_fit_args
 from tl_lightning.cli import run_cli
 from tl_lightning.data.flowers102 import FLOWERS102_CLASSES, Flowers102DataModule
 from tl_lightning.errors import DataError
 
-SMALL = {
-    "backbone": "resnet18",
-    "weights": None,
-    "image_size": 32,
-    "batch_size": 4,
-    "num_workers": 0,
-}
+SMALL = TINY_DATA
 CONFIG = (
     Path(__file__).resolve().parents[2] / "configs" / "flowers102" / "finetune_efficientnet_b0.yaml"
 )
@@ -99,20 +94,7 @@ def test_missing_data_without_download(tmp_path):
 
 def test_shipped_config_fits_under_the_cli(flowers102_patched, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = [
-        "fit",
-        "--config",
-        str(CONFIG),
-        "--model.init_args.backbone=resnet18",
-        "--model.init_args.weights=null",
-        f"--data.init_args.root={flowers102_patched.root}",
-        "--data.init_args.download=false",
-        "--data.init_args.image_size=32",
-        "--data.init_args.batch_size=4",
-        "--data.init_args.num_workers=0",
-        "--trainer.fast_dev_run=true",
-    ]
-    cli = run_cli(args)
+    cli = run_cli(tiny_fit_args(CONFIG, flowers102_patched.root))
     assert cli.trainer.state.finished
     assert cli.model.hparams.num_classes == 102 and cli.model.class_names[-1] == "blackberry lily"
     assert cli.model.hparams.head_dropout == 0.3 and cli.model.hparams.label_smoothing == 0.1

@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, TensorDataset
 
 import tl_lightning.backbones.dann_cnn  # noqa: F401  (registers dann_cnn)
+from tests.helpers import print_config
 from tl_lightning.data.domain import DomainAdaptationDataModule
 from tl_lightning.modules.dann import DANNAnnealing, DANNModule, dann_lr_factor
 from tl_lightning.modules.grl import GradientReversal, grl_lambda
@@ -329,16 +330,10 @@ def test_offline_configs_fit_under_the_cli(config, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("config", OFFLINE_CONFIGS)
 def test_offline_configs_print_config_round_trips(config, tmp_path, monkeypatch, capsys):
-    from tl_lightning.cli import run_cli
-
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit):
-        run_cli(["fit", "--config", str(REPO / config), "--print_config"])
-    first = capsys.readouterr().out
+    first = print_config(["fit", "--config", str(REPO / config)], capsys)
     (tmp_path / "printed.yaml").write_text(first)
-    with pytest.raises(SystemExit):
-        run_cli(["fit", "--config", str(tmp_path / "printed.yaml"), "--print_config"])
-    assert capsys.readouterr().out == first
+    assert print_config(["fit", "--config", str(tmp_path / "printed.yaml")], capsys) == first
     printed = yaml.safe_load(first)
     assert printed["model"]["class_path"].endswith("DANNModule")
 

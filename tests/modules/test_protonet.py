@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from PIL import Image
 
+from tests.helpers import print_config
 from tl_lightning.cli import run_cli
 from tl_lightning.data.digits import load_digits_images
 from tl_lightning.data.episodic import FewShotDataModule
@@ -303,13 +304,9 @@ def test_digits_config_fits_under_the_cli(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", ["digits_5way.yaml", "flowers102_5way_5shot.yaml"])
 def test_configs_print_config_round_trips(name, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit):
-        run_cli(["fit", "--config", str(CONFIGS / name), "--print_config"])
-    first = capsys.readouterr().out
+    first = print_config(["fit", "--config", str(CONFIGS / name)], capsys)
     (tmp_path / "printed.yaml").write_text(first)
-    with pytest.raises(SystemExit):
-        run_cli(["fit", "--config", str(tmp_path / "printed.yaml"), "--print_config"])
-    assert capsys.readouterr().out == first
+    assert print_config(["fit", "--config", str(tmp_path / "printed.yaml")], capsys) == first
 
 
 def test_flowers_config_stores_a_disjoint_62_20_20_class_split():
