@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
@@ -39,7 +40,39 @@ def balanced_class_weights(counts: Sequence[int]) -> torch.Tensor:
     return torch.where(counts_t > 0, weights, torch.zeros_like(weights))
 
 
-class ClassifierModule(LightningModule):
+class TransferModule(LightningModule):
+    """What every tl-lightning module shares: optimizers over named param groups, safe reloading.
+
+    Subclasses set ``optimizer_factory``/``scheduler_factory`` and implement :meth:`param_groups`.
+    """
+
+    def param_groups(self) -> list[dict]:
+        raise NotImplementedError
+
+    def configure_optimizers(self) -> Any:
+        groups = self.param_groups()
+        if not groups:
+            rank_zero_info(f"{type(self).__name__}: nothing to train; evaluate with `test`")
+            return None
+        optimizer = make_optimizer(self.optimizer_factory, groups)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = make_scheduler(
+            self.scheduler_factory, optimizer, self.trainer.estimated_stepping_batches
+        )
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, map_location: Any = None, **kwargs: Any):
+        """Rebuild from a checkpoint alone: no weight download, and no code execution from the file."""
+        kwargs.setdefault("weights_only", True)
+        with skip_pretrained_weights():
+            return super().load_from_checkpoint(
+                checkpoint_path, map_location=map_location, **kwargs
+            )
+
+
+class ClassifierModule(TransferModule):
     """Backbone -> head classifier with the loss, metrics, optimizer and predict logic all modules share.
 
     Subclasses decide what trains (:meth:`param_groups`) and how the backbone runs.
@@ -68,20 +101,35 @@ class ClassifierModule(LightningModule):
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"class_names has {len(class_names)} names but num_classes is {num_classes}")
+            raise ValueError(
+                f"class_names has {len(class_names)} names but num_classes is {num_classes}"
+            )
         if isinstance(class_weights, str) and class_weights != "balanced":
-            raise ValueError(f"class_weights must be null, 'balanced' or a list of floats, got '{class_weights}'")
+            raise ValueError(
+                f"class_weights must be null, 'balanced' or a list of floats, got '{class_weights}'"
+            )
         if isinstance(class_weights, list) and len(class_weights) != num_classes:
-            raise ValueError(f"class_weights has {len(class_weights)} values but num_classes is {num_classes}")
+            raise ValueError(
+                f"class_weights has {len(class_weights)} values but num_classes is {num_classes}"
+            )
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.class_names = class_names or [str(i) for i in range(num_classes)]
         self.backbone: Backbone = build_backbone(backbone, weights=weights, layer=layer)
         self.head = build_head(
-            head, self.backbone.feature_dim, num_classes, head_hidden_dim, head_dropout, head_hidden_dropout
+            head,
+            self.backbone.feature_dim,
+            num_classes,
+            head_hidden_dim,
+            head_dropout,
+            head_hidden_dropout,
         )
-        weight = torch.tensor(class_weights, dtype=torch.float) if isinstance(class_weights, list) else torch.ones(num_classes)
+        weight = (
+            torch.tensor(class_weights, dtype=torch.float)
+            if isinstance(class_weights, list)
+            else torch.ones(num_classes)
+        )
         self.register_buffer("class_weight", weight)
         self.train_metrics = classification_metrics(num_classes, "train")
         self.val_metrics = classification_metrics(num_classes, "val")
@@ -103,7 +151,13 @@ class ClassifierModule(LightningModule):
 
     def param_groups(self) -> list[dict]:
         """Named optimizer groups; the default trains everything at the base LR."""
-        return [{"name": "all", "params": [p for p in self.parameters() if p.requires_grad], "lr_scale": 1.0}]
+        return [
+            {
+                "name": "all",
+                "params": [p for p in self.parameters() if p.requires_grad],
+                "lr_scale": 1.0,
+            }
+        ]
 
     # --- lifecycle -----------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -112,22 +166,10 @@ class ClassifierModule(LightningModule):
         if self.hparams.class_weights == "balanced" and stage == "fit":
             counts = getattr(self.trainer.datamodule, "class_counts", None)
             if counts is None:
-                raise ValueError("class_weights: balanced needs a datamodule exposing class_counts()")
+                raise ValueError(
+                    "class_weights: balanced needs a datamodule exposing class_counts()"
+                )
             self.class_weight.copy_(balanced_class_weights(counts()))
-
-    def configure_optimizers(self) -> Any:
-        optimizer = make_optimizer(self.optimizer_factory, self.param_groups())
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = make_scheduler(self.scheduler_factory, optimizer, self.trainer.estimated_stepping_batches)
-        return {"optimizer": optimizer, "lr_scheduler": scheduler}
-
-    @classmethod
-    def load_from_checkpoint(cls, checkpoint_path: Any, map_location: Any = None, **kwargs: Any):
-        """Rebuild from a checkpoint alone: no weight download, and no code execution from the file."""
-        kwargs.setdefault("weights_only", True)
-        with skip_pretrained_weights():
-            return super().load_from_checkpoint(checkpoint_path, map_location=map_location, **kwargs)
 
     # --- steps ---------------------------------------------------------------------------------
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -157,7 +199,13 @@ class ClassifierModule(LightningModule):
         confusion = self.val_confusion if stage == "val" else self.test_confusion
         metrics.update(logits, y)
         confusion.update(logits, y)
-        self.log(f"{stage}/loss", self.loss(logits, y), prog_bar=stage == "val", sync_dist=True, batch_size=len(x))
+        self.log(
+            f"{stage}/loss",
+            self.loss(logits, y),
+            prog_bar=stage == "val",
+            sync_dist=True,
+            batch_size=len(x),
+        )
         self.log_dict(metrics, prog_bar=stage == "val", batch_size=len(x))
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -189,4 +237,9 @@ class ClassifierModule(LightningModule):
         probs = self(x).float().softmax(dim=1)
         pred = probs.argmax(dim=1)
         ids = batch[1] if isinstance(batch, (list, tuple)) and len(batch) > 1 else None
-        return {"probs": probs, "pred": pred, "class_name": [self.class_names[i] for i in pred.tolist()], "id": ids}
+        return {
+            "probs": probs,
+            "pred": pred,
+            "class_name": [self.class_names[i] for i in pred.tolist()],
+            "id": ids,
+        }

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
@@ -25,10 +24,10 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics import CatMetric, MeanMetric
 from tqdm.auto import tqdm
 
-from tl_lightning.backbones import Backbone, build_backbone, skip_pretrained_weights
+from tl_lightning.backbones import Backbone, build_backbone
 from tl_lightning.backbones import conv4 as _conv4  # noqa: F401  (registers the conv4 backbone)
 from tl_lightning.errors import DataError
-from tl_lightning.optim import make_optimizer, make_scheduler
+from tl_lightning.modules.base import TransferModule
 
 # A frozen backbone is kept in eval mode on purpose; Lightning warns about that at fit start.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
@@ -86,7 +85,7 @@ def confidence_interval(accuracies: torch.Tensor) -> tuple[float, float]:
     return mean, 1.96 * std / math.sqrt(max(n, 1))
 
 
-class ProtoNetModule(LightningModule):
+class ProtoNetModule(TransferModule):
     """Prototypical Networks: embedding = backbone (+ projection), classes = support-mean prototypes.
 
     Batches are episodes ``(support, support_labels, query, query_labels)`` (see
@@ -244,30 +243,6 @@ class ProtoNetModule(LightningModule):
         ]
         groups = [{"name": "backbone", "params": backbone, "lr_scale": 1.0}] if backbone else []
         return groups + ([{"name": "head", "params": head, "lr_scale": 1.0}] if head else [])
-
-    def configure_optimizers(self) -> Any:
-        groups = self.param_groups()
-        if not groups:
-            rank_zero_info(
-                "ProtoNet: frozen backbone and no projection, nothing to train; evaluate with `test`"
-            )
-            return None
-        optimizer = make_optimizer(self.optimizer_factory, groups)
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = make_scheduler(
-            self.scheduler_factory, optimizer, self.trainer.estimated_stepping_batches
-        )
-        return {"optimizer": optimizer, "lr_scheduler": scheduler}
-
-    @classmethod
-    def load_from_checkpoint(cls, checkpoint_path: Any, map_location: Any = None, **kwargs: Any):
-        """Rebuild from a checkpoint alone: no weight download, and no code execution from the file."""
-        kwargs.setdefault("weights_only", True)
-        with skip_pretrained_weights():
-            return super().load_from_checkpoint(
-                checkpoint_path, map_location=map_location, **kwargs
-            )
 
     # --- cached embeddings -----------------------------------------------------------------
     @torch.no_grad()
