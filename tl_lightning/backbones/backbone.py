@@ -32,11 +32,14 @@ class BNPolicy(str, Enum):
     - ``eval``: running statistics fixed and affine parameters frozen (a truly frozen layer).
     - ``train``: statistics keep updating and affine parameters train (fastai's ``train_bn``).
     - ``affine``: statistics fixed, affine parameters train.
+    - ``stats``: statistics keep updating, affine parameters frozen (adapts the normalisation to
+      a new domain with no backward pass through the frozen layers).
     """
 
     EVAL = "eval"
     TRAIN = "train"
     AFFINE = "affine"
+    STATS = "stats"
 
 
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
@@ -115,6 +118,8 @@ class Backbone(nn.Module):
         ['stem', 'blocks.0', 'blocks.1']
         >>> bb.freeze(bn="eval")                                 # a fixed feature extractor
     """
+
+    pretrained: bool = True  # False when built with random init (its BN statistics mean nothing)
 
     def __init__(
         self,
@@ -207,7 +212,7 @@ class Backbone(nn.Module):
         # Re-applied after every .train(): Lightning calls model.train() each epoch (Lightning #15062).
         for name, m in self.body.named_modules():
             policy = self._bn_policy.get(name)
-            if policy is not None and policy != BNPolicy.TRAIN:
+            if policy in (BNPolicy.EVAL, BNPolicy.AFFINE):
                 m.eval()
 
 

@@ -58,4 +58,6 @@ def build(weights: str | None = "DEFAULT", layer: str | None = None) -> Backbone
             )
         load_into(body, load_state_dict_file(weights), weights)
     groups = [(f"block{i + 1}", [str(i)]) for i in range(4)]
-    return Backbone(body, data_config(weights), groups, name="conv4")
+    backbone = Backbone(body, data_config(weights), groups, name="conv4")
+    backbone.pretrained = weights is not None and weights != "DEFAULT"
+    return backbone
