@@ -7,6 +7,7 @@ method runs in its own process, one after the other, on the same number of threa
 
     python benchmarks/unfreezing.py                       # all methods
     python benchmarks/unfreezing.py --fastai-site DIR     # fastai installed with pip --target DIR
+    python benchmarks/unfreezing.py --ours '{}' '{"bn": "train"}'   # one row per variant of ours
 
 fastai is imported from ``--fastai-site`` (or the environment) and skipped when missing.
 """
@@ -215,14 +216,25 @@ def main() -> None:
         "--threads", type=int, default=1, help="torch threads per run (the CPU is shared)"
     )
     parser.add_argument("--fastai-site", default=None, help="extra sys.path entry holding fastai")
-    parser.add_argument("--ours", default="{}", help="JSON of extra GradualUnfreezing arguments")
+    parser.add_argument(
+        "--ours",
+        nargs="+",
+        default=["{}"],
+        help="JSON of extra GradualUnfreezing arguments; several give one row each",
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.threads, args.ours)
+        child(args.child, args.threads, args.ours[0])
         return
     rows = {}
-    for method in args.methods:
+    runs = [
+        (method, ours)
+        for method in args.methods
+        for ours in (args.ours if method == "ours" else ["{}"])
+    ]
+    for method, ours in runs:
+        label = LABELS[method] + (f" {ours}" if method == "ours" and ours != "{}" else "")
         env = dict(os.environ)
         if method == "fastai" and args.fastai_site:
             env["PYTHONPATH"] = os.pathsep.join(
@@ -236,20 +248,20 @@ def main() -> None:
             "--threads",
             str(args.threads),
             "--ours",
-            args.ours,
+            ours,
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            rows[method] = {"error": tail[0][:120]}
+            rows[label] = {"method": method, "error": tail[0][:120]}
         else:
-            rows[method] = json.loads(line[len("RESULT ") :])
-        print(f"{LABELS[method]}: {rows[method]}", file=sys.stderr)
+            rows[label] = {"method": method, **json.loads(line[len("RESULT ") :])}
+        print(f"{label}: {rows[label]}", file=sys.stderr, flush=True)
     peers = [
         r["total"]
-        for m, r in rows.items()
-        if m not in ("ours", "feature_extraction") and "total" in r
+        for r in rows.values()
+        if r["method"] not in ("ours", "feature_extraction") and "total" in r
     ]
     fastest = min(peers) if peers else None
     print(
@@ -260,16 +272,20 @@ def main() -> None:
         "| method | test acc | s/epoch frozen | s/epoch unfrozen | total s | total / fastest peer |"
     )
     print("|---|---|---|---|---|---|")
-    for method, r in rows.items():
+    for label, r in rows.items():
         if "error" in r:
-            print(f"| {LABELS[method]} | failed: {r['error']} | | | | |")
+            print(f"| {label} | failed: {r['error']} | | | | |")
             continue
         ep = r["epochs"]
         frozen = sum(ep[:FROZEN]) / len(ep[:FROZEN])
         unfrozen = f"{sum(ep[FROZEN:]) / len(ep[FROZEN:]):.2f}" if ep[FROZEN:] else "-"
-        ratio = f"{r['total'] / fastest:.2f}" if fastest and method != "feature_extraction" else "-"
+        ratio = (
+            f"{r['total'] / fastest:.2f}"
+            if fastest and r["method"] != "feature_extraction"
+            else "-"
+        )
         print(
-            f"| {LABELS[method]} | {r['acc']:.3f} | {frozen:.2f} | {unfrozen} | {r['total']:.1f} | {ratio} |"
+            f"| {label} | {r['acc']:.3f} | {frozen:.2f} | {unfrozen} | {r['total']:.1f} | {ratio} |"
         )
 
 

@@ -94,6 +94,9 @@ def test_freeze_policies_and_unfreeze():
     bb.train()
     assert not bb.body.layer2[0].bn1.training and bb.body.layer2[0].bn1.weight.requires_grad
     assert not bb.body.layer2[0].conv1.weight.requires_grad
+    bb.freeze(["layer3"], bn="stats")
+    bb.train()
+    assert bb.body.layer3[0].bn1.training and not bb.body.layer3[0].bn1.weight.requires_grad
     bb.unfreeze()
     bb.train()
     assert all(p.requires_grad for p in bb.parameters()) and bb.body.bn1.training

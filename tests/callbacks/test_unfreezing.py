@@ -182,7 +182,7 @@ def test_frozen_backbone_builds_no_autograd_graph(tmp_path):
     assert seen == [False, False, True, True]
 
 
-@pytest.mark.parametrize("bn", ["eval", "train"])
+@pytest.mark.parametrize("bn", ["eval", "train", "affine", "stats"])
 def test_frozen_batchnorm_statistics(tmp_path, bn):
     model = tiny_model()
     snaps = EpochSnapshots()
@@ -191,9 +191,9 @@ def test_frozen_batchnorm_statistics(tmp_path, bn):
     )
     stats = [k for k in snaps.at[0] if k.startswith("backbone.") and "running_mean" in k]
     moved = any(not torch.equal(snaps.at[0][k], snaps.at["end"][k]) for k in stats)
-    assert moved == (bn == "train")
+    assert moved == (bn in ("train", "stats"))
     affine = changed(snaps.at[0], snaps.at["end"], "backbone.body.bn1.")
-    assert affine == (bn == "train")
+    assert affine == (bn in ("train", "affine"))
 
 
 SCHEDULERS = {

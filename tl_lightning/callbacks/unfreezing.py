@@ -55,8 +55,9 @@ class GradualUnfreezing(Callback):
         unfrozen_lr_scale: multiplies every LR, head included, once the first group unfreezes
             (fastai's ``fine_tune`` halves: 0.5).
         warmup_steps: ramp a newly unfrozen group's LR linearly from 0 over this many steps.
-        bn: BatchNorm policy of frozen groups: ``eval`` (stats and affine fixed), ``train`` or
-            ``affine`` (affine params train at the group's LR).
+        bn: BatchNorm policy of frozen groups: ``eval`` (stats and affine fixed), ``train``
+            (both adapt), ``affine`` (affine params train at the group's LR) or ``stats``
+            (running statistics adapt, affine fixed: frozen epochs stay forward-only).
         ddp_safe: gate frozen groups by zero LR and dropped gradients instead of
             ``requires_grad`` (None: on under DDP).
         restart_schedule: rebuild the module's step-interval LR scheduler at each milestone over
@@ -344,7 +345,7 @@ class GradualUnfreezing(Callback):
             if name.startswith("backbone."):
                 group = name.removeprefix("backbone.")
                 if group not in on:
-                    lr = 0.0 if self.bn == BNPolicy.EVAL else lr
+                    lr = lr if self.bn in (BNPolicy.TRAIN, BNPolicy.AFFINE) else 0.0
                 elif self.warmup_steps:
                     start = self._unfreeze_step.get(group, step)
                     lr *= min(1.0, (step - start + 1) / self.warmup_steps)

@@ -10,7 +10,7 @@ class FineTuneModule(ClassifierModule):
 
     Args:
         train_groups: train only the last N backbone layer groups (None: all of them). Earlier
-            groups are frozen with BatchNorm policy ``bn`` (``eval``, ``train`` or ``affine``).
+            groups are frozen with BatchNorm policy ``bn`` (``eval``, ``train``, ``affine`` or ``stats``).
         lr_decay: LR multiplier applied once per *group* going from the head toward the input:
             the head trains at the base LR, the top group at ``base * lr_decay``, the next at
             ``base * lr_decay**2``... (the seeds decayed per parameter tensor, which shrinks
