@@ -34,6 +34,7 @@ _EXPORTS = {
     "DigitsDataModule": "tl_lightning.data",
     "CSVPredictionWriter": "tl_lightning.callbacks",
     "GradualUnfreezing": "tl_lightning.callbacks",
+    "TensorBoardVisuals": "tl_lightning.callbacks",
     "CIFAR10DataModule": "tl_lightning.data",
     "Flowers102DataModule": "tl_lightning.data",
     "CatsDogsDataModule": "tl_lightning.data",

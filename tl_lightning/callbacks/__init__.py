@@ -1,7 +1,23 @@
-"""Callbacks: prediction writing (and, as they land, unfreezing and visual logging)."""
+"""Callbacks: unfreezing, prediction writing, TensorBoard visuals, fault tolerance."""
 
+from tl_lightning.callbacks.confusion_figure import ConfusionMatrixFigure
+from tl_lightning.callbacks.embedding_projector import EmbeddingProjector
+from tl_lightning.callbacks.episode_histogram import EpisodeAccuracyHistogram
+from tl_lightning.callbacks.hparams_metrics import HParamsMetrics
 from tl_lightning.callbacks.lr_monitor import LRMonitor
+from tl_lightning.callbacks.prediction_grid import PredictionGrid
 from tl_lightning.callbacks.prediction_writer import CSVPredictionWriter
 from tl_lightning.callbacks.unfreezing import GradualUnfreezing
+from tl_lightning.callbacks.visuals import TensorBoardVisuals
 
-__all__ = ["CSVPredictionWriter", "GradualUnfreezing", "LRMonitor"]
+__all__ = [
+    "CSVPredictionWriter",
+    "ConfusionMatrixFigure",
+    "EmbeddingProjector",
+    "EpisodeAccuracyHistogram",
+    "GradualUnfreezing",
+    "HParamsMetrics",
+    "LRMonitor",
+    "PredictionGrid",
+    "TensorBoardVisuals",
+]

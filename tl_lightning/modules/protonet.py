@@ -175,6 +175,8 @@ class ProtoNetModule(TransferModule):
         self._apply_bn_mode()
         self.val_loss, self.val_acc = MeanMetric(), MeanMetric()
         self.test_loss, self.test_accs = MeanMetric(), CatMetric()
+        self.val_accs = CatMetric()  # per-episode val accuracies (TensorBoard histogram)
+        self.val_episode_accuracies: torch.Tensor | None = None
         self.test_results: dict[str, float] | None = None
         self.test_episode_accuracies: torch.Tensor | None = None
         self._cache: dict[str, tuple[Dataset, torch.Tensor]] = {}
@@ -324,8 +326,14 @@ class ProtoNetModule(TransferModule):
         loss, acc = self._episode(batch, "val")
         self.val_loss.update(loss)
         self.val_acc.update(acc)
+        self.val_accs.update(acc.reshape(1))
         self.log("val/loss", self.val_loss, on_epoch=True, batch_size=1)
         self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True, batch_size=1)
+
+    def on_validation_epoch_end(self) -> None:
+        # gathered over all DDP ranks (a collective: runs on every rank)
+        self.val_episode_accuracies = self.val_accs.compute().reshape(-1).cpu()
+        self.val_accs.reset()
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         loss, acc = self._episode(batch, "test")
