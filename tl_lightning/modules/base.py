@@ -188,7 +188,15 @@ class ClassifierModule(TransferModule):
         loss = self.loss(logits, y)
         hard = y.argmax(dim=1) if y.is_floating_point() else y
         self.train_metrics.update(logits.detach(), hard)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(x))
+        self.log(
+            "train/loss",
+            loss,
+            prog_bar=True,
+            on_step=True,
+            on_epoch=True,
+            batch_size=len(x),
+            sync_dist=True,  # the epoch mean over all ranks, not rank 0's alone
+        )
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=len(x))
         return loss
 
