@@ -64,13 +64,38 @@ def _resolve(name: str) -> BackboneSpec:
     if source in ("", "timm") and timm_models.is_model(arch):
         return timm_models.spec(arch)
     if source not in ("", "torchvision", "timm"):
-        raise ValueError(f"unknown backbone source '{source}' in '{name}'; use 'torchvision/' or 'timm/'")
-    close = difflib.get_close_matches(arch, all_names(), n=3, cutoff=0.6)
-    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    raise ValueError(f"unknown backbone '{name}'{hint} (see `tl-lightning backbones`)")
+        hint = _did_you_mean(source, ["torchvision", "timm"])
+        raise ValueError(
+            f"unknown backbone source '{source}' in '{name}'; {hint}"
+            f"use 'torchvision/<model>', 'timm/<model>' or a registered name (see `tl-lightning backbones`)"
+        )
+    if source:  # suggest with the same prefix: 'timm/resnt18' -> 'timm/resnet18'
+        hint = _did_you_mean(name, [f"{source}/{n}" for n in _source_names(source)])
+    else:
+        hint = _did_you_mean(name, all_names())
+    raise ValueError(
+        f"unknown backbone '{name}'; {hint}(see `tl-lightning backbones`; any torchvision "
+        f"classification model or timm model name works)"
+    )
 
 
-def build_backbone(name: str, weights: str | None = "DEFAULT", layer: str | None = None) -> Backbone:
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    """``"did you mean 'a' or 'b'? "`` for the closest distinct names, else ``""``."""
+    close = difflib.get_close_matches(word, list(dict.fromkeys(choices)), n=3, cutoff=0.6)
+    return f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+
+
+def _source_names(source: str) -> list[str]:
+    from tl_lightning.backbones import timm_models, torchvision_models
+
+    if source == "torchvision":
+        return torchvision_models.available()
+    return timm_models.list_names()
+
+
+def build_backbone(
+    name: str, weights: str | None = "DEFAULT", layer: str | None = None
+) -> Backbone:
     """Build a :class:`Backbone` by name.
 
     Args:
@@ -104,7 +129,8 @@ def resolve_data_config(name: str, weights: str | None = "DEFAULT") -> DataConfi
 def all_names() -> list[str]:
     from tl_lightning.backbones import timm_models, torchvision_models
 
-    return sorted(_REGISTRY) + torchvision_models.available() + timm_models.list_names()
+    names = sorted(_REGISTRY) + torchvision_models.available() + timm_models.list_names()
+    return list(dict.fromkeys(names))  # resnet50 is both a torchvision and a timm name
 
 
 def list_backbones() -> dict[str, str]:

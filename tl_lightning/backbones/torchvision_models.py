@@ -42,7 +42,7 @@ def _weights_enum(arch: str, weights: str | None):
     try:
         return enum.verify(weights)
     except (KeyError, ValueError):
-        names = ["DEFAULT", *enum.__members__]
+        names = list(dict.fromkeys(["DEFAULT", *enum.__members__]))
         close = difflib.get_close_matches(weights, names, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
         raise ValueError(
@@ -83,7 +83,9 @@ def build(arch: str, weights: str | None, layer: str | None) -> Backbone:
     body: nn.Module = model
     if layer is not None:
         body = cut_at(model, layer, arch)
-    return Backbone(body, data_config(arch, weights), group_spec(model, arch), name=f"torchvision/{arch}")
+    return Backbone(
+        body, data_config(arch, weights), group_spec(model, arch), name=f"torchvision/{arch}"
+    )
 
 
 def _drop_classifier(model: nn.Module, arch: str) -> None:
@@ -93,7 +95,9 @@ def _drop_classifier(model: nn.Module, arch: str) -> None:
         if isinstance(mod, nn.Linear):
             last = name
     if last is None:
-        raise ValueError(f"torchvision/{arch} has no Linear classifier to remove; use it through timm")
+        raise ValueError(
+            f"torchvision/{arch} has no Linear classifier to remove; use it through timm"
+        )
     parent_name, _, child = last.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, nn.Identity())
@@ -110,11 +114,18 @@ def group_spec(model: nn.Module, arch: str) -> GroupSpec:
             if isinstance(mod, nn.MaxPool2d):
                 groups.append((f"block{block}", current))
                 block, current = block + 1, []
-        linears = [f"classifier.{i}" for i, m in model.classifier.named_children() if isinstance(m, nn.Linear)]
+        linears = [
+            f"classifier.{i}"
+            for i, m in model.classifier.named_children()
+            if isinstance(m, nn.Linear)
+        ]
         return groups + [(f"fc{6 + i}", [n]) for i, n in enumerate(linears)]
     if arch.startswith("densenet"):
         stem = ("stem", ["features.conv0", "features.norm0"])
-        blocks = [(f"block{i}", [f"features.denseblock{i}", f"features.transition{i}"]) for i in range(1, 4)]
+        blocks = [
+            (f"block{i}", [f"features.denseblock{i}", f"features.transition{i}"])
+            for i in range(1, 4)
+        ]
         return [stem, *blocks, ("block4", ["features.denseblock4", "features.norm5"])]
     if arch.startswith("vit_"):
         n = len(model.encoder.layers)
@@ -138,7 +149,11 @@ def _generic_spec(model: nn.Module) -> GroupSpec:
         if not any(True for _ in child.parameters()):
             continue
         kids = [k for k, m in child.named_children() if any(True for _ in m.parameters())]
-        if isinstance(child, nn.Sequential) and len(kids) >= 3 and name in ("features", "trunk_output"):
+        if (
+            isinstance(child, nn.Sequential)
+            and len(kids) >= 3
+            and name in ("features", "trunk_output")
+        ):
             for i, k in enumerate(kids):
                 label = "stem" if i == 0 else ("head_conv" if i == len(kids) - 1 else f"stage{i}")
                 groups.append((label, [f"{name}.{k}"]))

@@ -21,12 +21,17 @@ from pathlib import Path
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
-from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from tl_lightning.data.base import ImageDataModule, stratified_split
 from tl_lightning.data.download import download_url, extract_archive
-from tl_lightning.data.folder import IMAGE_EXTENSIONS, load_rgb
+from tl_lightning.data.folder import (
+    IMAGE_EXTENSIONS,
+    FailedSample,
+    SkippingDataset,
+    failure_reason,
+    load_rgb,
+)
 from tl_lightning.errors import DataError
 
 PETIMAGES_URL = (
@@ -38,7 +43,7 @@ PETIMAGES_URL = (
 PETIMAGES_SHA256 = "b7974bd00a84a99921f36ee4403f089853777b5ae8d151c76a86e64900334af9"
 PETIMAGES_CLASSES = ["Cat", "Dog"]
 
-SCAN_VERSION = 1
+SCAN_VERSION = 2  # 2: file permissions are part of the fingerprint
 MANIFEST, SKIPPED, SCAN_INFO = "manifest.csv", "skipped.csv", "scan.json"
 
 
@@ -83,14 +88,9 @@ def _class_files(folder: Path, classes: list[str]) -> list[tuple[str, int, os.st
 def _fingerprint(classes: list[str], files: list[tuple[str, int, os.stat_result]]) -> str:
     digest = hashlib.sha256(f"v{SCAN_VERSION}|{'|'.join(classes)}\n".encode())
     for rel, label, st in files:
-        digest.update(f"{rel}\t{label}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        # st_mode too: a chmod (unreadable -> readable) changes what loads but not the mtime
+        digest.update(f"{rel}\t{label}\t{st.st_size}\t{st.st_mtime_ns}\t{st.st_mode}\n".encode())
     return digest.hexdigest()
-
-
-def _reason(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
-    kind = "truncated" if "truncated" in text.lower() else "undecodable"
-    return f"{kind} ({text})"
 
 
 def check_image(path: Path, size: int, load: Callable[[Path], Image.Image]) -> str | None:
@@ -102,7 +102,7 @@ def check_image(path: Path, size: int, load: Callable[[Path], Image.Image]) -> s
     try:
         image = load(path)
     except Exception as e:  # noqa: BLE001 -- a scan reports every failure, it never crashes on one
-        return _reason(e)
+        return failure_reason(e)
     if min(image.size) < 1:
         return f"degenerate image size {image.size}"
     return None
@@ -172,16 +172,18 @@ def scan_image_folder(
     out_dir: str | Path | None = None,
     workers: int | None = None,
     progress: bool = True,
+    classes: list[str] | None = None,
 ) -> ScanResult:
     """Decode every file under ``folder/{class}/`` once; cache and return what loads and what not.
 
     ``load`` is the decoder the dataset will use (so "valid" means "the loader reads it").
     Decoding runs on ``workers`` threads (PIL releases the GIL while decoding). The manifest,
-    report and cache go to ``out_dir`` (default: ``folder``).
+    report and cache go to ``out_dir`` (default: ``folder``). ``classes`` restricts the scan to
+    these subfolders (default: every non-hidden subfolder).
     """
     folder = Path(folder)
     out_dir = Path(out_dir) if out_dir is not None else folder
-    classes = class_folders(folder)
+    classes = class_folders(folder) if classes is None else list(classes)
     if len(classes) < 2:
         raise DataError(
             f"'{folder}' has {len(classes)} class folder(s) {classes}; a classifier needs at least 2 "
@@ -231,8 +233,16 @@ def _skip_summary(skipped: list[tuple[str, str]]) -> str:
     return ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())) or "none"
 
 
-class ImageListDataset(Dataset):
-    """``(transform(image), label)`` over scanned image files, decoded with :func:`load_rgb`."""
+class ImageListDataset(SkippingDataset):
+    """``(transform(image), label)`` over scanned image files, decoded with :func:`load_rgb`.
+
+    A file that loaded at scan time but fails now (changed, removed, made unreadable) yields a
+    :class:`FailedSample`: the collate drops it and the run's skip log records it.
+
+    Example:
+        >>> ds = ImageListDataset([Path("cat/1.jpg")], np.array([0]))  # doctest: +SKIP
+        >>> image, label = ds[0]  # doctest: +SKIP
+    """
 
     def __init__(self, paths: list[Path], labels: np.ndarray, transform=None):
         self.paths, self.labels, self.transform = paths, labels, transform
@@ -241,14 +251,9 @@ class ImageListDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        path = self.paths[index]
-        try:
-            image = load_rgb(path)
-        except (OSError, ValueError) as e:
-            raise DataError(
-                f"{path} loaded when the folder was scanned but fails now ({e}); it changed since: "
-                f"run again (the changed folder is rescanned) or delete it"
-            ) from e
+        image = self.load(self.paths[index])
+        if isinstance(image, FailedSample):
+            return image
         return (self.transform(image) if self.transform else image), int(self.labels[index])
 
 

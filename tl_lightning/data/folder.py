@@ -1,18 +1,44 @@
-"""Images from plain folders: a robust RGB loader and a dataset of files for prediction."""
+"""Images from plain folders: a robust RGB loader, skip markers for images that fail to decode.
+
+A sample that fails to decode is never replaced by another one (whose label would then be
+silently wrong): the dataset returns a :class:`FailedSample`, :func:`skip_failed_collate` drops
+it from the batch, and the failure is appended to a per-run skip log (``skipped_images.csv`` in
+the run folder) that :class:`~tl_lightning.callbacks.skipped_images.SkippedImagesReport` sums up.
+"""
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageOps
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from tl_lightning.errors import DataError
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+SKIP_LOG_NAME = "skipped_images.csv"
+SKIP_LOG_FIELDS = ("split", "path", "reason")
+# Everything PIL raises on a bad file: OSError (truncated, unreadable), SyntaxError (bad PNG
+# chunks), ValueError/TypeError/struct errors (bad headers), decompression bombs.
+DECODE_ERRORS = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    TypeError,
+    IndexError,
+    KeyError,
+    EOFError,
+    RuntimeError,
+    Image.DecompressionBombError,
+)
 
 
 def load_rgb(path: str | Path) -> Image.Image:
@@ -27,24 +53,97 @@ def load_rgb(path: str | Path) -> Image.Image:
         return img.convert("RGB")
 
 
+def failure_reason(exc: BaseException) -> str:
+    """A one-line, CSV-safe reason such as ``truncated (OSError: image file is truncated)``."""
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+    if isinstance(exc, PermissionError):
+        kind = "unreadable"
+    elif "truncated" in text.lower():
+        kind = "truncated"
+    else:
+        kind = "undecodable"
+    return f"{kind} ({text})"
+
+
+@dataclass(frozen=True)
+class FailedSample:
+    """Returned by a dataset in place of a sample whose image failed to load; collates drop it."""
+
+    path: str
+    reason: str
+
+
+def record_skip(skip_log: str | Path | None, split: str, path: str | Path, reason: str) -> None:
+    """Warn and append ``split, path, reason`` to ``skip_log`` (safe from many worker processes).
+
+    One ``O_APPEND`` write per line: lines from concurrent workers and ranks never interleave.
+    """
+    log.warning("skipping unreadable image %s: %s", path, reason)
+    if skip_log is None:
+        return
+    buf = io.StringIO()
+    csv.writer(buf).writerow([split, str(path), reason])
+    fd = os.open(skip_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, buf.getvalue().encode("utf-8"))
+    finally:
+        os.close(fd)
+
+
+def read_skip_log(skip_log: str | Path) -> list[dict[str, str]]:
+    """The rows ``{split, path, reason}`` of a skip log (empty when it does not exist)."""
+    try:
+        with open(skip_log, newline="", encoding="utf-8") as f:
+            return [dict(zip(SKIP_LOG_FIELDS, row, strict=False)) for row in csv.reader(f) if row]
+    except FileNotFoundError:
+        return []
+
+
+class SkippingDataset(Dataset):
+    """Base of datasets that decode files: ``load(path)`` gives an image or a :class:`FailedSample`.
+
+    The datamodule sets ``skip_log`` (the run's CSV) and ``split`` before the loader is built.
+    """
+
+    skip_log: str | None = None
+    split: str = "data"
+
+    def load(self, path: str | Path) -> Image.Image | FailedSample:
+        try:
+            return load_rgb(path)
+        except DECODE_ERRORS as e:
+            reason = failure_reason(e)
+            record_skip(self.skip_log, self.split, path, reason)
+            return FailedSample(str(path), reason)
+
+
 def list_images(root: str | Path) -> list[Path]:
     """Image files under ``root`` (recursive, sorted, by extension)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder '{root}' does not exist")
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(
+        p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
 
 
-class ImageFilesDataset(Dataset):
-    """Every image file under a folder, transformed, as ``(image, path)``; unreadable ones yield None.
+class ImageFilesDataset(SkippingDataset):
+    """Every image file under a folder, transformed, as ``(image, path)``.
 
-    Use with :func:`skip_failed_collate`, which drops the Nones and logs what was skipped.
+    An unreadable file yields a :class:`FailedSample`; use with :func:`skip_failed_collate`.
+
+    Example:
+        >>> ds = ImageFilesDataset("my_images/", transform=None)  # doctest: +SKIP
+        >>> image, path = ds[0]  # doctest: +SKIP
     """
 
     def __init__(self, root: str | Path, transform=None):
         self.files = list_images(root)
         if not self.files:
-            raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under '{root}'")
+            raise DataError(
+                f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under '{root}'; "
+                f"point it at a folder that holds image files"
+            )
         self.transform = transform
 
     def __len__(self) -> int:
@@ -52,15 +151,40 @@ class ImageFilesDataset(Dataset):
 
     def __getitem__(self, index: int):
         path = self.files[index]
-        try:
-            image = load_rgb(path)
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            log.warning("skipping unreadable image %s: %s", path, e)
-            return None
+        image = self.load(path)
+        if isinstance(image, FailedSample):
+            return image
         return (self.transform(image) if self.transform else image), str(path)
+
+
+def is_failed(sample) -> bool:
+    """True for a sample a dataset could not load (``None`` or a :class:`FailedSample`)."""
+    return sample is None or isinstance(sample, FailedSample)
 
 
 def skip_failed_collate(samples: list):
     """default_collate over the samples that loaded; an all-failed batch becomes an empty list."""
-    good = [s for s in samples if s is not None]
+    good = [s for s in samples if not is_failed(s)]
     return default_collate(good) if good else []
+
+
+class SkipFailedDataLoader(DataLoader):
+    """A DataLoader that never yields an empty batch (every image in it failed to load).
+
+    Raises :class:`DataError` when a whole pass over the data produced no image at all.
+    """
+
+    def __iter__(self) -> Iterator:
+        dropped, yielded = 0, 0
+        for batch in super().__iter__():
+            if isinstance(batch, list) and not batch:
+                dropped += 1
+                continue
+            yielded += 1
+            yield batch
+        if dropped and not yielded:
+            raise DataError(
+                f"every image in this {type(self.dataset).__name__} ({len(self.dataset)} samples) "
+                f"failed to load; see the warnings above or {SKIP_LOG_NAME} in the run folder "
+                f"and fix or replace the files"
+            )

@@ -1,0 +1,159 @@
+"""Any labelled folder of images, ``root/{class}/*``: scanned once, broken files skipped, split."""
+
+from __future__ import annotations
+
+import logging
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from tl_lightning.data.base import ImageDataModule, stratified_split
+from tl_lightning.data.cats_dogs import (
+    SKIPPED,
+    ImageListDataset,
+    ScanResult,
+    _skip_summary,
+    class_folders,
+    scan_image_folder,
+)
+from tl_lightning.data.folder import IMAGE_EXTENSIONS, load_rgb
+from tl_lightning.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+def _has_image_files(folder: Path) -> bool:
+    return any(
+        p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+        for p in folder.rglob("*")
+    )
+
+
+class ImageFolderDataModule(ImageDataModule):
+    """A folder of ``{class}/*`` images: one class per subfolder, seeded stratified splits.
+
+    Every file is decoded once (cached in ``manifest.csv``/``skipped.csv``/``scan.json`` next to
+    the images or in ``scan_dir``): empty, truncated, unreadable and non-image files are skipped
+    and listed with the reason. A class folder without image files is left out with a warning; a
+    class whose every image is broken, or a folder with no usable image, is a :class:`DataError`.
+    Images that break later (during training) are dropped from their batch and reported.
+
+    Args:
+        root: the folder holding one subfolder per class (sorted names are the classes).
+        val_fraction, test_fraction: shares held out for validation and test (test may be 0).
+        scan_dir: where the scan results go (default: ``root``; set it when ``root`` is read-only).
+
+    Example:
+        >>> dm = ImageFolderDataModule("my_images", backbone="resnet18", weights=None)  # doctest: +SKIP
+        >>> dm.prepare_data(); dm.setup("fit"); dm.class_names  # doctest: +SKIP
+        ['cat', 'dog', 'fox']
+    """
+
+    def __init__(
+        self,
+        root: str,
+        *args,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        scan_dir: str | None = None,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        if (
+            not 0 < val_fraction < 1
+            or not 0 <= test_fraction < 1
+            or val_fraction + test_fraction >= 1
+        ):
+            raise ValueError(
+                f"need 0 < val_fraction, 0 <= test_fraction and val_fraction + test_fraction < 1; "
+                f"got val_fraction={val_fraction}, test_fraction={test_fraction}"
+            )
+        self.root = Path(root)
+        self._scan: ScanResult | None = None
+        self._parts: list[np.ndarray] | None = None
+
+    @cached_property
+    def _classes(self) -> list[str]:
+        """Non-empty class subfolders; empty ones are left out with a warning."""
+        if not self.root.is_dir():
+            raise FileNotFoundError(
+                f"image folder root='{self.root}' does not exist; point data.init_args.root at a "
+                f"folder with one subfolder of images per class"
+            )
+        folders = class_folders(self.root)
+        classes = [c for c in folders if _has_image_files(self.root / c)]
+        empty = sorted(set(folders) - set(classes))
+        if empty:
+            rank_zero_warn(
+                f"{self.root}: ignoring {len(empty)} class folder(s) without image files: {empty}"
+            )
+        if len(classes) < 2:
+            raise DataError(
+                f"'{self.root}' has {len(classes)} class folder(s) with images {classes}"
+                f"{f' (empty: {empty})' if empty else ''}; a classifier needs at least 2 "
+                f"subfolders of images, e.g. {self.root}/cat/*.jpg and {self.root}/dog/*.jpg"
+            )
+        return classes
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self._classes)
+
+    def prepare_data(self) -> None:
+        self._scan_folder()  # once, on one process: the other ranks read the cache in setup()
+
+    def _scan_folder(self) -> ScanResult:
+        if self._scan is not None:
+            return self._scan
+        scan = scan_image_folder(self.root, load_rgb, self.hparams.scan_dir, classes=self._classes)
+        report = Path(self.hparams.scan_dir or self.root) / SKIPPED
+        counts = np.bincount(scan.labels, minlength=self.num_classes)
+        if not scan.valid:
+            raise DataError(
+                f"none of the {len(scan.skipped)} files under '{self.root}' is a readable image "
+                f"({_skip_summary(scan.skipped)}; reasons in {report}); fix or replace the files"
+            )
+        need = 3 if self.hparams.test_fraction > 0 else 2  # one image per split at least
+        short = [self.class_names[i] for i in np.flatnonzero(counts < need)]
+        if short:
+            raise DataError(
+                f"class folder(s) {short} under '{self.root}' have fewer than {need} "
+                f"readable images ({dict(zip(self.class_names, counts.tolist(), strict=True))}; "
+                f"skipped files and reasons in {report}); add images or remove those folders"
+            )
+        rank_zero_info(
+            f"{self.root}: {len(scan.valid)} images "
+            f"{dict(zip(self.class_names, counts.tolist(), strict=True))}, {len(scan.skipped)} "
+            f"skipped ({_skip_summary(scan.skipped)}; {report})"
+        )
+        self._scan = scan
+        return scan
+
+    def _split(self) -> list[np.ndarray]:
+        if self._parts is None:
+            labels = self._scan_folder().labels
+            v, t = self.hparams.val_fraction, self.hparams.test_fraction
+            fractions = (1 - v - t, v, t) if t > 0 else (1 - v, v)
+            self._parts = stratified_split(labels, fractions, self.hparams.seed)
+        return self._parts
+
+    def train_labels(self) -> np.ndarray:
+        return np.asarray(self._scan_folder().labels, dtype=np.int64)[self._split()[0]]
+
+    def _dataset(self, part: int, transform) -> ImageListDataset:
+        scan, idx = self._scan_folder(), self._split()[part]
+        paths, labels = scan.paths, np.asarray(scan.labels, dtype=np.int64)
+        return ImageListDataset([paths[i] for i in idx], labels[idx], transform)
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit", "validate"):
+            self.train_set = self._dataset(0, self.train_transform())
+            self.val_set = self._dataset(1, self.eval_transform())
+        if stage in (None, "test"):
+            if self.hparams.test_fraction == 0:
+                raise ValueError(
+                    "test_fraction is 0, so there is no test split; set test_fraction > 0"
+                )
+            self.test_set = self._dataset(2, self.eval_transform())
