@@ -9,6 +9,7 @@ batch, read page by page), keyed by everything that changes them, and returns a 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -22,6 +23,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
+
+from tl_lightning.checkpoint_io import disk_full_error
+from tl_lightning.data.folder import is_failed, skip_failed_collate
+from tl_lightning.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +48,9 @@ class FeatureDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int):
-        return torch.from_numpy(np.array(self.features[index], dtype=np.float32)), int(self.labels[index])
+        return torch.from_numpy(np.array(self.features[index], dtype=np.float32)), int(
+            self.labels[index]
+        )
 
     def __getitems__(self, indices: list[int]) -> list:
         """A whole batch in one memmap read (the DataLoader's fetcher uses this when present)."""
@@ -61,7 +68,11 @@ def dataset_fingerprint(dataset: Dataset, transform_repr: str) -> str:
     h = hashlib.sha256(f"{type(dataset).__name__}|{len(dataset)}|{transform_repr}".encode())
     n = len(dataset)
     for i in sorted({0, n // 3, n // 2, (2 * n) // 3, n - 1}):
-        x, y = dataset[i][0], dataset[i][1]
+        item = dataset[i]
+        if is_failed(item):  # an unreadable file still identifies the dataset
+            h.update(repr(item).encode())
+            continue
+        x, y = item[0], item[1]
         h.update(torch.as_tensor(x).float().numpy().tobytes())
         h.update(str(int(y)).encode())
     return h.hexdigest()
@@ -86,21 +97,39 @@ def _compute(
     # Own generator: iterating a loader draws a seed, which must not shift the global RNG
     # (a run that fills the cache must train exactly like one that reads it).
     generator = torch.Generator().manual_seed(0)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False, generator=generator)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        shuffle=False,
+        generator=generator,
+        collate_fn=skip_failed_collate,  # an image that fails to decode is dropped, not fatal
+    )
     features = labels = None
     start = 0
     for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
+        if not batch:  # every image of this batch failed
+            continue
         x, y = batch[0].to(device), batch[1]
         with forward_context():
             out = backbone(x).float().cpu().numpy()
         if features is None:
-            features = np.lib.format.open_memmap(folder / "features.npy", mode="w+", dtype=dtype, shape=(len(dataset), out.shape[1]))
+            features = np.lib.format.open_memmap(
+                folder / "features.npy", mode="w+", dtype=dtype, shape=(len(dataset), out.shape[1])
+            )
             labels = np.empty(len(dataset), dtype=np.int64)
         features[start : start + len(out)] = out
         labels[start : start + len(out)] = y.numpy()
         start += len(out)
+    if features is None:
+        raise DataError(
+            f"every one of the {len(dataset)} images failed to load while caching features; "
+            "check the dataset folder (see the skipped-images report)"
+        )
     features.flush()
-    np.save(folder / "labels.npy", labels)
+    np.save(
+        folder / "labels.npy", labels[:start]
+    )  # FeatureDataset's length: the images that loaded
     del features
 
 
@@ -135,15 +164,27 @@ def cached_features(
     try:
         was_training = backbone.training
         backbone.eval()
-        _compute(backbone, dataset, tmp, dtype, batch_size, num_workers, torch.device(device), forward_context or _null_context, desc)
+        _compute(
+            backbone,
+            dataset,
+            tmp,
+            dtype,
+            batch_size,
+            num_workers,
+            torch.device(device),
+            forward_context or _null_context,
+            desc,
+        )
         backbone.train(was_training)
         (tmp / "meta.json").write_text(json.dumps({"key": key, "n": len(dataset), "dtype": dtype}))
         try:
             os.replace(tmp, final)
         except OSError:  # another process finished the same cache first: use theirs
             shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full_error(final, e, "feature cache") from e
         raise
     log.info("feature cache written: %s", final)
     return FeatureDataset(final)

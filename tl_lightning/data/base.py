@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from tl_lightning.backbones import DataConfig, resolve_data_config
+from tl_lightning.config_checks import check_model_and_data
+from tl_lightning.data.folder import (
+    SKIP_LOG_NAME,
+    SkipFailedDataLoader,
+    is_failed,
+    skip_failed_collate,
+)
+from tl_lightning.data.resumable_sampler import ResumableDataLoader, ResumableRandomSampler
 from tl_lightning.data.transforms import (
     AUGMENT_PRESETS,
     batch_mixer,
@@ -21,28 +30,57 @@ from tl_lightning.data.transforms import (
 SAMPLERS = (None, "weighted")
 
 
+def _allocate(n: int, fractions: np.ndarray, min_one: bool) -> np.ndarray:
+    """Split ``n`` items by ``fractions``: largest-remainder rounding (each part within 1 of
+    ``n * fraction``), then, with ``min_one``, every part with a positive fraction gets >= 1."""
+    target = n * fractions
+    counts = np.floor(target).astype(np.int64)
+    order = np.argsort(-(target - counts), kind="stable")
+    counts[order[: n - counts.sum()]] += 1
+    if min_one:
+        for j in np.flatnonzero((counts == 0) & (fractions > 0)):
+            # take one from the most over-allocated part that can spare it
+            donor = int(np.argmax(np.where(counts > 1, counts - target, -np.inf)))
+            counts[donor] -= 1
+            counts[j] += 1
+    return counts
+
+
+class ResumableSkipFailedDataLoader(SkipFailedDataLoader, ResumableDataLoader):
+    """Train loader: resumable mid-epoch, and never yields an empty batch.
+
+    SkipFailedDataLoader comes first: its ``__iter__`` is a generator, so ResumableDataLoader's
+    ``__iter__`` (which consumes the pending skip) must run inside it, when iteration starts.
+    """
+
+
 def stratified_split(
     labels: Sequence[int], fractions: Sequence[float], seed: int
 ) -> list[np.ndarray]:
     """Split indices into len(fractions) parts with the same class proportions in each, seeded.
 
-    Every class with enough samples appears in every part; the parts are disjoint and cover
-    all indices.
+    Per class, the part sizes are ``n_class * fraction`` rounded by largest remainder (within 1),
+    except that a class with at least as many samples as there are (non-empty) parts appears in
+    every part. The parts are disjoint, cover all indices, and depend only on ``labels``,
+    ``fractions`` and ``seed``. Works for any class size (no minimum, unlike sklearn's).
     """
-    from sklearn.model_selection import train_test_split
-
-    if not np.isclose(sum(fractions), 1.0):
-        raise ValueError(f"split fractions must sum to 1, got {list(fractions)}")
-    labels = np.asarray(labels)
-    remaining = np.arange(len(labels))
-    parts, left = [], 1.0
-    for frac in fractions[:-1]:
-        take, remaining = train_test_split(
-            remaining, train_size=frac / left, stratify=labels[remaining], random_state=seed
+    fracs = np.asarray(fractions, dtype=np.float64)
+    if fracs.ndim != 1 or len(fracs) == 0 or (fracs < 0).any() or not np.isclose(fracs.sum(), 1.0):
+        raise ValueError(
+            f"split fractions must be >= 0 and sum to 1, got {list(fractions)} (e.g. [0.8, 0.1, 0.1])"
         )
-        parts.append(np.sort(take))
-        left -= frac
-    return [*parts, np.sort(remaining)]
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    n_parts = int((fracs > 0).sum())
+    chunks: list[list[np.ndarray]] = [[] for _ in fracs]
+    for cls in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        counts = _allocate(len(members), fracs, min_one=len(members) >= n_parts)
+        for part, chunk in zip(chunks, np.split(members, np.cumsum(counts)[:-1]), strict=True):
+            part.append(chunk)
+    return [
+        np.sort(np.concatenate(c)).astype(np.int64) if c else np.zeros(0, np.int64) for c in chunks
+    ]
 
 
 def carve_val(
@@ -56,13 +94,22 @@ def carve_val(
 
 
 class MixCollate:
-    """Collate, then MixUp/CutMix the whole batch (a class, so worker processes can pickle it)."""
+    """Collate the samples that loaded, then MixUp/CutMix the batch (a class: workers pickle it)."""
 
     def __init__(self, mixer):
         self.mixer = mixer
 
     def __call__(self, samples):
-        return self.mixer(*default_collate(samples))
+        good = [s for s in samples if not is_failed(s)]
+        return self.mixer(*default_collate(good)) if good else []
+
+
+def skip_log_path(trainer) -> Path | None:
+    """The run's skip log: ``skipped_images.csv`` in the trainer's log dir (None without one)."""
+    if trainer is None:
+        return None
+    folder = trainer.log_dir or trainer.default_root_dir
+    return Path(folder) / SKIP_LOG_NAME if folder else None
 
 
 class ImageDataModule(LightningDataModule):
@@ -122,6 +169,7 @@ class ImageDataModule(LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        self._checked_model: tuple[int, str] | None = None
 
     # --- what subclasses provide -------------------------------------------------------------
     @property
@@ -155,12 +203,34 @@ class ImageDataModule(LightningDataModule):
             return trainer.strategy.root_device.type == "cuda"
         return torch.cuda.is_available()
 
+    def _check_model(self, split: str) -> None:
+        """Before the first batch: the attached model's classes and input size fit this data."""
+        trainer = getattr(self, "trainer", None)
+        model = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        if model is None or self._checked_model == (id(model), split):
+            return
+        self._checked_model = (id(model), split)
+        check_model_and_data(model, self, split)
+
     def _loader(
-        self, dataset: Dataset | None, name: str, train: bool = False, **kwargs
+        self,
+        dataset: Dataset | None,
+        name: str,
+        train: bool = False,
+        loader_class: type[DataLoader] = SkipFailedDataLoader,
+        **kwargs,
     ) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__} has no {name} split; call setup() first")
-        return DataLoader(
+        self._check_model(name)
+        if hasattr(dataset, "skip_log"):  # decode failures go to the run's skip log, by split
+            log_path = skip_log_path(getattr(self, "trainer", None))
+            if log_path is not None:
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+            dataset.skip_log = str(log_path) if log_path else None
+            dataset.split = name
+        kwargs.setdefault("collate_fn", skip_failed_collate)
+        return loader_class(
             dataset,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
@@ -174,19 +244,26 @@ class ImageDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         mixer = batch_mixer(self.hparams.mixup_alpha, self.hparams.cutmix_alpha, self.num_classes)
         kwargs: dict = {"collate_fn": MixCollate(mixer)} if mixer else {}
-        if self.hparams.sampler == "weighted":
-            labels = self.train_labels()
-            per_class = 1.0 / np.maximum(np.bincount(labels, minlength=self.num_classes), 1)
-            generator = torch.Generator().manual_seed(self.hparams.seed)
-            kwargs["sampler"] = WeightedRandomSampler(
-                per_class[labels].tolist(),
-                num_samples=len(labels),
-                replacement=True,
-                generator=generator,
+        if self.train_set is not None:
+            weights = None
+            if self.hparams.sampler == "weighted":
+                labels = self.train_labels()
+                per_class = 1.0 / np.maximum(np.bincount(labels, minlength=self.num_classes), 1)
+                weights = per_class[labels].tolist()
+            size = len(weights) if weights is not None else len(self.train_set)
+            # the order depends on (seed, epoch) only, and the loader saves its position:
+            # a run killed mid-epoch resumes on the very next batch
+            kwargs["sampler"] = ResumableRandomSampler(
+                size, seed=self.hparams.seed, weights=weights
             )
-        else:
-            kwargs["shuffle"] = True
-        return self._loader(self.train_set, "train", train=True, **kwargs)
+            kwargs["seed"] = self.hparams.seed
+        return self._loader(
+            self.train_set,
+            "train",
+            train=True,
+            loader_class=ResumableSkipFailedDataLoader,
+            **kwargs,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, "val")
@@ -195,7 +272,7 @@ class ImageDataModule(LightningDataModule):
         return self._loader(self.test_set, "test")
 
     def predict_dataloader(self) -> DataLoader:
-        from tl_lightning.data.folder import ImageFilesDataset, skip_failed_collate
+        from tl_lightning.data.folder import ImageFilesDataset
 
         if not self.hparams.predict_dir:
             raise ValueError(
