@@ -13,11 +13,11 @@ import pytest
 import torch
 import yaml
 from jsonargparse import ArgumentParser
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch import seed_everything
 from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 from lightning.pytorch.strategies import Strategy
 from PIL import Image
-from torch.utils.data import DistributedSampler
 
 import tl_lightning.backbones.dann_cnn  # noqa: F401  (registers dann_cnn)
 import tl_lightning.precision as precision
@@ -214,14 +214,16 @@ def digits(**kwargs) -> DigitsDataModule:
 
 
 class SameOrderDigits(DigitsDataModule):
-    """Digits whose one-process train order is the global order DDP's DistributedSampler uses.
+    """Digits whose one-process train order is the global order DDP uses.
 
-    ``Trainer(strategy="ddp", devices=1)`` gets the same effect without code (it installs a
-    one-replica DistributedSampler); this keeps the reference run free of a process group.
+    Under DDP Lightning wraps the train sampler in a seeded, shuffling DistributedSamplerWrapper;
+    with one replica the same wrapper yields that global order in one process.
+    ``Trainer(strategy="ddp", devices=1)`` gets the same effect without code.
     """
 
     def train_dataloader(self):
-        sampler = DistributedSampler(self.train_set, num_replicas=1, rank=0, shuffle=True, seed=0)
+        inner = super().train_dataloader().sampler
+        sampler = DistributedSamplerWrapper(inner, num_replicas=1, rank=0, shuffle=True, seed=0)
         return self._loader(self.train_set, "train", train=True, sampler=sampler)
 
 

@@ -32,6 +32,8 @@ _EXPORTS = {
     "FewShotPredictDataModule": "tl_lightning.data",
     "ImageDataModule": "tl_lightning.data",
     "DigitsDataModule": "tl_lightning.data",
+    "ImageFolderDataModule": "tl_lightning.data",
+    "SkippedImagesReport": "tl_lightning.callbacks",
     "CSVPredictionWriter": "tl_lightning.callbacks",
     "GradualUnfreezing": "tl_lightning.callbacks",
     "TensorBoardVisuals": "tl_lightning.callbacks",

@@ -5,11 +5,23 @@ from __future__ import annotations
 import sys
 
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, _get_short_description
 from lightning.pytorch.tuner import Tuner
 
 from tl_lightning.callbacks import CSVPredictionWriter, LRMonitor
+from tl_lightning.callbacks.finite_loss import FiniteLossCheck
+from tl_lightning.callbacks.resumable_checkpoint import ResumableModelCheckpoint
+from tl_lightning.callbacks.rng_state import RNGStateCheckpoint
+from tl_lightning.callbacks.skipped_images import SkippedImagesReport
+from tl_lightning.callbacks.visuals import TensorBoardVisuals
+from tl_lightning.checkpoint_io import resolve_last, use_atomic_checkpoint_io
+from tl_lightning.config_checks import (
+    ConfigErrorParser,
+    check_backbone_config,
+    check_checkpoint,
+    load_checkpoint_safely,
+)
+from tl_lightning.precision import TLTrainer
 
 
 class TLCLI(LightningCLI):
@@ -96,9 +108,13 @@ class TLCLI(LightningCLI):
         parser.link_arguments(
             "data.class_names", "model.init_args.class_names", apply_on="instantiate"
         )
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ResumableModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(LRMonitor, "lr_monitor")
         parser.add_lightning_class_args(CSVPredictionWriter, "prediction_writer")
+        parser.add_lightning_class_args(SkippedImagesReport, "skipped_images")
+        parser.add_lightning_class_args(FiniteLossCheck, "finite_loss")
+        parser.add_lightning_class_args(RNGStateCheckpoint, "rng_state")
+        parser.add_lightning_class_args(TensorBoardVisuals, "visuals")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/acc",
@@ -108,10 +124,55 @@ class TLCLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
                 "trainer.logger": {
                     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                    "init_args": {"save_dir": "runs", "name": "default"},
+                    "init_args": {
+                        "save_dir": "runs",
+                        "name": "default",
+                        "default_hp_metric": False,
+                    },
                 },
             }
         )
+
+    def before_instantiate_classes(self) -> None:
+        """Stop on an unknown backbone or weights tag before anything is built."""
+        check_backbone_config(self.config.get(str(self.subcommand), self.config))
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning reads ``--ckpt_path`` hyperparameters at parse time: vet the file first."""
+        config = self.config.get(str(self.config.get("subcommand")), self.config)
+        load_checkpoint_safely(config.get("ckpt_path"), config.get("weights_only"))
+        super()._parse_ckpt_path()
+
+    def _check_ckpt_path(self) -> None:
+        """--ckpt_path: refuse code-carrying pickles and a checkpoint trained on other classes."""
+        config = self.config_init.get(str(self.subcommand), self.config_init)
+        check_checkpoint(
+            config.get("ckpt_path"), self.model, self.datamodule, config.get("weights_only")
+        )
+
+    before_validate = before_test = before_predict = _check_ckpt_path
+
+    def before_fit(self) -> None:
+        """Resolve ``--ckpt_path last`` across logger versions, then check the checkpoint."""
+        config = self.config_init[str(self.subcommand)]
+        config["ckpt_path"] = resolve_last(self.trainer, config.get("ckpt_path"))
+        self._check_ckpt_path()
+
+    def predict(
+        self, model: LightningModule, datamodule=None, return_predictions=None, **kwargs
+    ) -> list | None:
+        """``Trainer.predict`` keeping nothing in memory unless ``--return_predictions=true``.
+
+        Rows stream to the CSV writer; Lightning's default would also hold every prediction.
+        """
+        keep = bool(return_predictions)
+        return self.trainer.predict(model, datamodule=datamodule, return_predictions=keep, **kwargs)
+
+    def instantiate_trainer(self, **kwargs):
+        """The configured Trainer, with atomic (temp file + fsync + rename) checkpoint writes."""
+        trainer = super().instantiate_trainer(**kwargs)
+        use_atomic_checkpoint_io(trainer)
+        return trainer
 
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -150,6 +211,8 @@ def run_cli(args: list[str] | None = None) -> TLCLI | None:
     return TLCLI(
         LightningModule,
         LightningDataModule,
+        trainer_class=TLTrainer,  # accepts precision: mixed
+        parser_class=ConfigErrorParser,  # names the bad key and the closest valid ones
         subclass_mode_model=True,
         subclass_mode_data=True,
         seed_everything_default=0,

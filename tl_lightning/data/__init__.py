@@ -9,6 +9,8 @@ from tl_lightning.data.domain import DomainAdaptationDataModule
 from tl_lightning.data.episodic import EpisodicBatchSampler, FewShotDataModule
 from tl_lightning.data.few_shot_folder import FewShotPredictDataModule
 from tl_lightning.data.flowers102 import Flowers102DataModule
+from tl_lightning.data.image_folder import ImageFolderDataModule
+from tl_lightning.data.resumable_sampler import ResumableDataLoader, ResumableRandomSampler
 
 __all__ = [
     "CIFAR10DataModule",
@@ -21,5 +23,8 @@ __all__ = [
     "FewShotPredictDataModule",
     "Flowers102DataModule",
     "ImageDataModule",
+    "ImageFolderDataModule",
+    "ResumableDataLoader",
+    "ResumableRandomSampler",
     "stratified_split",
 ]

@@ -18,6 +18,7 @@ from torchmetrics.classification import (
 )
 
 from tl_lightning.backbones import Backbone, build_backbone, skip_pretrained_weights
+from tl_lightning.config_checks import check_model_and_data
 from tl_lightning.heads import build_head
 from tl_lightning.optim import make_optimizer, make_scheduler
 
@@ -161,6 +162,8 @@ class ClassifierModule(TransferModule):
 
     # --- lifecycle -----------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        # before any work on the data (feature caching included): num_classes, names, image size
+        check_model_and_data(self, getattr(self.trainer, "datamodule", None), stage)
         if self.hparams.channels_last:
             self.to(memory_format=torch.channels_last)
         if self.hparams.class_weights == "balanced" and stage == "fit":
