@@ -257,7 +257,42 @@ class ImageListDataset(SkippingDataset):
         return (self.transform(image) if self.transform else image), int(self.labels[index])
 
 
-class CatsDogsDataModule(ImageDataModule):
+class ScannedFolderSplits:
+    """Seeded, stratified train/val/test splits of a scanned ``{class}/*`` folder, and its datasets.
+
+    For ImageDataModules that implement ``_scan_folder() -> ScanResult`` and have
+    ``val_fraction``, ``test_fraction`` and ``seed`` hyperparameters (Cats-vs-Dogs, any folder).
+    """
+
+    def _split(self) -> list[np.ndarray]:
+        if self._parts is None:
+            labels = self._scan_folder().labels
+            v, t = self.hparams.val_fraction, self.hparams.test_fraction
+            fractions = (1 - v - t, v, t) if t > 0 else (1 - v, v)
+            self._parts = stratified_split(labels, fractions, self.hparams.seed)
+        return self._parts
+
+    def train_labels(self) -> np.ndarray:
+        return np.asarray(self._scan_folder().labels, dtype=np.int64)[self._split()[0]]
+
+    def _dataset(self, part: int, transform) -> ImageListDataset:
+        scan, idx = self._scan_folder(), self._split()[part]
+        paths, labels = scan.paths, np.asarray(scan.labels, dtype=np.int64)
+        return ImageListDataset([paths[i] for i in idx], labels[idx], transform)
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit", "validate"):
+            self.train_set = self._dataset(0, self.train_transform())
+            self.val_set = self._dataset(1, self.eval_transform())
+        if stage in (None, "test"):
+            if self.hparams.test_fraction == 0:
+                raise ValueError(
+                    "test_fraction is 0, so there is no test split; set test_fraction > 0"
+                )
+            self.test_set = self._dataset(2, self.eval_transform())
+
+
+class CatsDogsDataModule(ScannedFolderSplits, ImageDataModule):
     """Cats vs Dogs from Microsoft's ``kagglecatsanddogs_5340.zip``, or your own ``{class}/*.jpg`` folder.
 
     The archive (25,000 photos in ``PetImages/Cat`` and ``PetImages/Dog``, some of them empty or
@@ -366,30 +401,3 @@ class CatsDogsDataModule(ImageDataModule):
                 f"{len(self._scan.skipped)} skipped ({_skip_summary(self._scan.skipped)}) {note}".rstrip()
             )
         return self._scan
-
-    def _split(self) -> list[np.ndarray]:
-        if self._parts is None:
-            labels = self._scan_folder().labels
-            v, t = self.hparams.val_fraction, self.hparams.test_fraction
-            fractions = (1 - v - t, v, t) if t > 0 else (1 - v, v)
-            self._parts = stratified_split(labels, fractions, self.hparams.seed)
-        return self._parts
-
-    def train_labels(self) -> np.ndarray:
-        return np.asarray(self._scan_folder().labels, dtype=np.int64)[self._split()[0]]
-
-    def _dataset(self, part: int, transform) -> ImageListDataset:
-        scan, idx = self._scan_folder(), self._split()[part]
-        paths, labels = scan.paths, np.asarray(scan.labels, dtype=np.int64)
-        return ImageListDataset([paths[i] for i in idx], labels[idx], transform)
-
-    def setup(self, stage: str | None = None) -> None:
-        if stage in (None, "fit", "validate"):
-            self.train_set = self._dataset(0, self.train_transform())
-            self.val_set = self._dataset(1, self.eval_transform())
-        if stage in (None, "test"):
-            if self.hparams.test_fraction == 0:
-                raise ValueError(
-                    "test_fraction is 0, so there is no test split; set test_fraction > 0"
-                )
-            self.test_set = self._dataset(2, self.eval_transform())

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from tl_lightning.data.base import ImageDataModule, stratified_split
+from tl_lightning.data.base import ImageDataModule
 from tl_lightning.data.cats_dogs import (
     SKIPPED,
-    ImageListDataset,
+    ScannedFolderSplits,
     ScanResult,
     _skip_summary,
     class_folders,
@@ -31,7 +31,7 @@ def _has_image_files(folder: Path) -> bool:
     )
 
 
-class ImageFolderDataModule(ImageDataModule):
+class ImageFolderDataModule(ScannedFolderSplits, ImageDataModule):
     """A folder of ``{class}/*`` images: one class per subfolder, seeded stratified splits.
 
     Every file is decoded once (cached in ``manifest.csv``/``skipped.csv``/``scan.json`` next to
@@ -130,30 +130,3 @@ class ImageFolderDataModule(ImageDataModule):
         )
         self._scan = scan
         return scan
-
-    def _split(self) -> list[np.ndarray]:
-        if self._parts is None:
-            labels = self._scan_folder().labels
-            v, t = self.hparams.val_fraction, self.hparams.test_fraction
-            fractions = (1 - v - t, v, t) if t > 0 else (1 - v, v)
-            self._parts = stratified_split(labels, fractions, self.hparams.seed)
-        return self._parts
-
-    def train_labels(self) -> np.ndarray:
-        return np.asarray(self._scan_folder().labels, dtype=np.int64)[self._split()[0]]
-
-    def _dataset(self, part: int, transform) -> ImageListDataset:
-        scan, idx = self._scan_folder(), self._split()[part]
-        paths, labels = scan.paths, np.asarray(scan.labels, dtype=np.int64)
-        return ImageListDataset([paths[i] for i in idx], labels[idx], transform)
-
-    def setup(self, stage: str | None = None) -> None:
-        if stage in (None, "fit", "validate"):
-            self.train_set = self._dataset(0, self.train_transform())
-            self.val_set = self._dataset(1, self.eval_transform())
-        if stage in (None, "test"):
-            if self.hparams.test_fraction == 0:
-                raise ValueError(
-                    "test_fraction is 0, so there is no test split; set test_fraction > 0"
-                )
-            self.test_set = self._dataset(2, self.eval_transform())
