@@ -169,7 +169,7 @@ class ImageDataModule(LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
-        self._checked_model: tuple[int, str] | None = None
+        self._checked_models: set[tuple[int, bool]] = set()  # (model id, predict?)
 
     # --- what subclasses provide -------------------------------------------------------------
     @property
@@ -203,14 +203,19 @@ class ImageDataModule(LightningDataModule):
             return trainer.strategy.root_device.type == "cuda"
         return torch.cuda.is_available()
 
-    def _check_model(self, split: str) -> None:
-        """Before the first batch: the attached model's classes and input size fit this data."""
+    def check_model(self, stage: str) -> None:
+        """Once per attached model (and once more for predict): its classes and input size fit.
+
+        The module's ``setup`` calls it before any image is read (feature caching included);
+        each loader calls it too, for modules that do not.
+        """
         trainer = getattr(self, "trainer", None)
         model = getattr(trainer, "lightning_module", None) if trainer is not None else None
-        if model is None or self._checked_model == (id(model), split):
+        key = (id(model), stage == "predict")  # predict skips the class check: one more check
+        if model is None or key in self._checked_models:
             return
-        self._checked_model = (id(model), split)
-        check_model_and_data(model, self, split)
+        self._checked_models.add(key)
+        check_model_and_data(model, self, stage)
 
     def _loader(
         self,
@@ -222,7 +227,7 @@ class ImageDataModule(LightningDataModule):
     ) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__} has no {name} split; call setup() first")
-        self._check_model(name)
+        self.check_model(name)
         if hasattr(dataset, "skip_log"):  # decode failures go to the run's skip log, by split
             log_path = skip_log_path(getattr(self, "trainer", None))
             if log_path is not None:

@@ -163,7 +163,11 @@ class ClassifierModule(TransferModule):
     # --- lifecycle -----------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         # before any work on the data (feature caching included): num_classes, names, image size
-        check_model_and_data(self, getattr(self.trainer, "datamodule", None), stage)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if hasattr(datamodule, "check_model"):
+            datamodule.check_model(stage)  # remembered: its loaders do not check again
+        else:
+            check_model_and_data(self, datamodule, stage)
         if self.hparams.channels_last:
             self.to(memory_format=torch.channels_last)
         if self.hparams.class_weights == "balanced" and stage == "fit":
