@@ -264,6 +264,19 @@ class ScannedFolderSplits:
     ``val_fraction``, ``test_fraction`` and ``seed`` hyperparameters (Cats-vs-Dogs, any folder).
     """
 
+    @staticmethod
+    def check_fractions(val_fraction: float, test_fraction: float) -> None:
+        """Raise ``ValueError`` unless the fractions leave a non-empty train split."""
+        if (
+            not 0 < val_fraction < 1
+            or not 0 <= test_fraction < 1
+            or val_fraction + test_fraction >= 1
+        ):
+            raise ValueError(
+                f"need 0 < val_fraction, 0 <= test_fraction and val_fraction + test_fraction < 1; "
+                f"got val_fraction={val_fraction}, test_fraction={test_fraction}"
+            )
+
     def _split(self) -> list[np.ndarray]:
         if self._parts is None:
             labels = self._scan_folder().labels
@@ -330,15 +343,7 @@ class CatsDogsDataModule(ScannedFolderSplits, ImageDataModule):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        if (
-            not 0 < val_fraction < 1
-            or not 0 <= test_fraction < 1
-            or val_fraction + test_fraction >= 1
-        ):
-            raise ValueError(
-                f"need 0 < val_fraction, 0 <= test_fraction and val_fraction + test_fraction < 1; "
-                f"got val_fraction={val_fraction}, test_fraction={test_fraction}"
-            )
+        self.check_fractions(val_fraction, test_fraction)
         self.root = Path(root)
         self.image_folder = Path(data_dir) if data_dir else self.root / "cats_dogs" / "PetImages"
         self._scan: ScanResult | None = None

@@ -61,15 +61,7 @@ class ImageFolderDataModule(ScannedFolderSplits, ImageDataModule):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        if (
-            not 0 < val_fraction < 1
-            or not 0 <= test_fraction < 1
-            or val_fraction + test_fraction >= 1
-        ):
-            raise ValueError(
-                f"need 0 < val_fraction, 0 <= test_fraction and val_fraction + test_fraction < 1; "
-                f"got val_fraction={val_fraction}, test_fraction={test_fraction}"
-            )
+        self.check_fractions(val_fraction, test_fraction)
         self.root = Path(root)
         self._scan: ScanResult | None = None
         self._parts: list[np.ndarray] | None = None
