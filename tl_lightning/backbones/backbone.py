@@ -135,7 +135,7 @@ class Backbone(nn.Module):
         self.data_config = data_config
         self._group_spec = [(n, list(p)) for n, p in group_spec]
         self._pool = pool
-        self._bn_policy: dict[str, BNPolicy] = {}  # BN layer name -> policy while its group is frozen
+        self._bn_policy: dict[str, BNPolicy] = {}  # BN layer name -> policy (frozen groups, keep_bn_statistics)
         self.feature_dim = self._probe_feature_dim()
 
     # --- features -------------------------------------------------------------------------
@@ -199,6 +199,18 @@ class Backbone(nn.Module):
             for name, m in g.batchnorms.items():
                 self._bn_policy.pop(name, None)
                 m.train(self.training)
+
+    def keep_bn_statistics(self) -> None:
+        """Keep every BatchNorm's running statistics (eval mode, re-applied after ``.train()``).
+
+        Parameters, BN affine included, still train: fine-tuning a pretrained network on small or
+        narrow batches whose statistics would replace the pretrained ones. ``unfreeze`` of a group
+        hands its BN layers back to batch statistics.
+        """
+        for name, m in self.body.named_modules():
+            if isinstance(m, _BN_TYPES):
+                self._bn_policy.setdefault(name, BNPolicy.AFFINE)
+        self._apply_bn_policy()
 
     def frozen_group_names(self) -> list[str]:
         return [g.name for g in self.layer_groups() if not any(p.requires_grad for p in g.params)]

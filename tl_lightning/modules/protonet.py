@@ -172,7 +172,11 @@ class ProtoNetModule(TransferModule):
         self.bn = ("eval" if pretrained else "train") if bn == "auto" else bn
         if freeze_backbone:
             self.backbone.freeze(bn="eval")
-        self._apply_bn_mode()
+            self.backbone.eval()
+        elif self.bn == "eval":
+            # Backbone re-applies it after every .train(); Lightning does not call .train() at
+            # the start of fit, so it must hold from construction
+            self.backbone.keep_bn_statistics()
         self.val_loss, self.val_acc = MeanMetric(), MeanMetric()
         self.test_loss, self.test_accs = MeanMetric(), CatMetric()
         self.val_accs = CatMetric()  # per-episode val accuracies (TensorBoard histogram)
@@ -242,18 +246,9 @@ class ProtoNetModule(TransferModule):
 
     def train(self, mode: bool = True) -> ProtoNetModule:
         super().train(mode)
-        self._apply_bn_mode()
-        return self
-
-    def _apply_bn_mode(self) -> None:
-        # Lightning keeps each submodule's mode across fit (it does not call .train() at the start),
-        # so this runs at construction and again on every explicit .train().
         if self.hparams.freeze_backbone:
             self.backbone.eval()  # frozen means frozen: BN statistics must not move
-        elif self.bn == "eval":
-            for module in self.backbone.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
+        return self
 
     def param_groups(self) -> list[dict]:
         """Trainable parameters as named groups: ``backbone`` and ``head`` (projection, temperature)."""
