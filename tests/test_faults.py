@@ -23,6 +23,16 @@ from tl_lightning.data.resumable_sampler import ResumableDataLoader, ResumableRa
 from tl_lightning.feature_cache import cached_features
 
 ROOT = Path(__file__).resolve().parents[1]
+# the quickstart config with a tiny random-init backbone and no feature cache
+TINY_QUICKSTART = [
+    "fit",
+    "--config",
+    str(ROOT / "configs/quickstart.yaml"),
+    "--model.init_args.backbone=resnet18",
+    "--model.init_args.weights=null",
+    "--model.init_args.cache_features=false",
+    "--data.init_args.image_size=16",
+]
 
 
 # --- helpers the CLI runs import by class path ------------------------------------------
@@ -175,13 +185,7 @@ def test_trainer_save_through_cli_plugin_is_atomic(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli = run_cli(
         [
-            "fit",
-            "--config",
-            str(ROOT / "configs/quickstart.yaml"),
-            "--model.init_args.backbone=resnet18",
-            "--model.init_args.weights=null",
-            "--model.init_args.cache_features=false",
-            "--data.init_args.image_size=16",
+            *TINY_QUICKSTART,
             "--trainer.fast_dev_run=true",
             "--trainer.logger=false",
         ]
@@ -243,13 +247,7 @@ def test_sigkill_during_a_write_leaves_the_previous_file(tmp_path):
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = [
-        "fit",
-        "--config",
-        str(ROOT / "configs/quickstart.yaml"),
-        "--model.init_args.backbone=resnet18",
-        "--model.init_args.weights=null",
-        "--model.init_args.cache_features=false",
-        "--data.init_args.image_size=16",
+        *TINY_QUICKSTART,
         "--data.init_args.batch_size=32",
         "--trainer.max_steps=8",
         "--trainer.limit_val_batches=1",
