@@ -5,10 +5,12 @@ and sizes, quality 90), then read back through a ``DataLoader`` (batch ``--batch
 0/1/2) with the library's ``basic`` train augmentation at 224 px (RandomResizedCrop + flip +
 normalise, ``tl_lightning.data.transforms.train_transform``):
 
-- PIL: ``tl_lightning.data.folder.load_rgb`` (full decode, EXIF, RGB) + transforms v2;
-- decode_jpeg: ``torchvision.io.decode_jpeg`` to a uint8 tensor + the same transforms v2;
-- decode_jpeg, batch normalise: crop/flip per item on uint8, ``ToDtype`` + ``Normalize`` once
-  per batch in the collate function (less per-item Python and float work).
+- PIL: the library's PIL path (full decode, EXIF, RGB) + transforms v2;
+- the library's default ``tl_lightning.data.folder.load_rgb``: JPEGs decoded by TorchCodec
+  (extra ``fast``) to a uint8 tensor, the same transforms v2 on tensors;
+- ``torchvision.io.decode_jpeg`` (deprecated since torchvision 0.29) + the same transforms v2;
+- TorchCodec, batch normalise: crop/flip per item on uint8, ``ToDtype`` + ``Normalize`` once
+  per batch in the collate function (less per-item Python and float work; not in the library).
 
 The clock runs from the first batch to the end of the pass (worker start-up excluded). The
 training step is an EfficientNet-Lite0 ``FineTuneModule`` step (forward, backward, AdamW) at
@@ -24,18 +26,20 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from _common import add_threads_arg, apply_threads, fmt, print_header, print_table, quiet_lightning
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 from torchvision.transforms import v2
 
 from tl_lightning.backbones import resolve_data_config
+from tl_lightning.data import folder
 from tl_lightning.data.folder import list_images, load_rgb
 from tl_lightning.data.transforms import train_transform
 from tl_lightning.modules import FineTuneModule
@@ -66,7 +70,9 @@ def write_jpegs(folder: Path, n: int) -> None:
         crop.save(folder / f"img_{i:05d}.jpg", quality=90)
 
 
-class PILFiles(Dataset):
+class LibraryFiles(Dataset):
+    """The library's loader, ``load_rgb``: TorchCodec for JPEGs when installed."""
+
     def __init__(self, files: list[Path], transform):
         self.files, self.transform = files, transform
 
@@ -77,7 +83,16 @@ class PILFiles(Dataset):
         return self.transform(load_rgb(self.files[i])), 0
 
 
-class TensorFiles(PILFiles):
+class PILFiles(LibraryFiles):
+    """The library's PIL path (what ``TL_LIGHTNING_DECODER=pil`` or no torchcodec gives)."""
+
+    def __getitem__(self, i: int):
+        with Image.open(self.files[i]) as img:
+            img.load()
+            return self.transform(ImageOps.exif_transpose(img).convert("RGB")), 0
+
+
+class TorchvisionFiles(LibraryFiles):
     def __getitem__(self, i: int):
         image = decode_jpeg(read_file(str(self.files[i])), mode=ImageReadMode.RGB)
         return self.transform(image), 0
@@ -129,6 +144,7 @@ def step_rate(batch: int, iters: int) -> float:
 
 
 def main() -> None:
+    warnings.filterwarnings("ignore", category=DeprecationWarning)  # torchvision.io's row
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="few files, workers 0/1 (smoke test)")
     parser.add_argument("--files", type=int, default=320)
@@ -157,12 +173,14 @@ def main() -> None:
         )
         step = step_rate(args.batch, args.step_iters)
         rows = [["train step alone (in-memory batch)", "-", fmt(step, 1), "1.00x"]]
+        fast = "TorchCodec" if folder.fast_jpeg_decoder() else "PIL (torchcodec missing)"
         variants = [
-            ("PIL load_rgb + transforms v2", PILFiles(files, tf), None),
-            ("decode_jpeg + transforms v2", TensorFiles(files, tf), None),
+            ("PIL + transforms v2", PILFiles(files, tf), None),
+            (f"library load_rgb ({fast}) + transforms v2", LibraryFiles(files, tf), None),
+            ("torchvision decode_jpeg + transforms v2", TorchvisionFiles(files, tf), None),
             (
-                "decode_jpeg + crop per item, normalise per batch",
-                TensorFiles(files, crop_only),
+                f"load_rgb ({fast}) + crop per item, normalise per batch",
+                LibraryFiles(files, crop_only),
                 NormaliseCollate(list(cfg.mean), list(cfg.std)),
             ),
         ]

@@ -104,14 +104,14 @@ def test_every_broken_kind_is_skipped_with_its_reason_and_labels_stay_right(tmp_
         (root / rel).write_bytes(data)
     (root / "bee" / "png_named.jpg").write_bytes(png((red_of(1), 0, 0)))  # odd but valid: kept
     locked = str(root / "bee" / "locked.jpg")
-    real_open = Image.open
+    real_read = Path.read_bytes
 
-    def open_as_unprivileged_user(path, *args, **kwargs):  # the tests run as root: chmod 000 reads
+    def read_as_unprivileged_user(path):  # the tests run as root: chmod 000 files still read
         if str(path) == locked:
             raise PermissionError(13, "Permission denied", locked)
-        return real_open(path, *args, **kwargs)
+        return real_read(path)
 
-    monkeypatch.setattr(Image, "open", open_as_unprivileged_user)
+    monkeypatch.setattr(Path, "read_bytes", read_as_unprivileged_user)
     dm = ImageFolderDataModule(str(root), **SMALL)
     dm.prepare_data()
     reasons = skipped_reasons(root)

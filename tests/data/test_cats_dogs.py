@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import tl_lightning.data.cats_dogs as cats_dogs
+import tl_lightning.data.folder as folder_module
 from tests.data.conftest import PET_BROKEN, PET_ODD, PET_PER_CLASS, sha256
 from tests.helpers import TINY_DATA, tiny_fit_args
 from tl_lightning.cli import run_cli
@@ -45,15 +46,31 @@ def test_scan_skips_and_reports_every_broken_kind(petimages_root):
     assert all(row["class"] in row["path"] for row in manifest)
 
 
-def test_odd_images_load_as_rgb(petimages_root):
+def hwc(image) -> np.ndarray:
+    """A decoded image (PIL, or a ``[3, H, W]`` tensor from the fast JPEG path) as ``H x W x 3``."""
+    return image.permute(1, 2, 0).numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+
+
+@pytest.fixture(params=["pil", "fast"])
+def decoder(request, monkeypatch):
+    """Both JPEG decoders: PIL, and TorchCodec's tensor path (part of the dev install)."""
+    monkeypatch.setenv(folder_module.DECODER_ENV, request.param)
+    folder_module.fast_jpeg_decoder.cache_clear()
+    yield request.param
+    folder_module.fast_jpeg_decoder.cache_clear()
+
+
+def test_odd_images_load_as_rgb(petimages_root, decoder):
+    if decoder == "fast":
+        assert folder_module.fast_jpeg_decoder() is not None, "torchcodec is in the dev extra"
     dm = CatsDogsDataModule(root=str(petimages_root), download=False, augment="none", **SMALL)
     dm.prepare_data()
     dm.setup("fit")
     folder = petimages_root / "cats_dogs" / "PetImages"
     for path in PET_ODD.values():
-        image = cats_dogs.load_rgb(folder.parent / path)
-        assert image.mode == "RGB", path
-    rotated = np.asarray(cats_dogs.load_rgb(folder.parent / PET_ODD["exif_rotated"]))
+        image = hwc(cats_dogs.load_rgb(folder.parent / path))
+        assert image.ndim == 3 and image.shape[2] == 3, path
+    rotated = hwc(cats_dogs.load_rgb(folder.parent / PET_ODD["exif_rotated"]))
     assert rotated.shape == (
         20,
         10,
@@ -62,9 +79,9 @@ def test_odd_images_load_as_rgb(petimages_root):
     top, bottom = rotated[:8].reshape(-1, 3).mean(0), rotated[-8:].reshape(-1, 3).mean(0)
     assert top[0] > 200 and top[2] < 60  # the red left half is now on top
     assert bottom[2] > 200 and bottom[0] < 60
-    cmyk = np.asarray(cats_dogs.load_rgb(folder.parent / PET_ODD["cmyk"])).reshape(-1, 3).mean(0)
+    cmyk = hwc(cats_dogs.load_rgb(folder.parent / PET_ODD["cmyk"])).reshape(-1, 3).mean(0)
     assert cmyk[0] > 200 and cmyk[1] < 60 and cmyk[2] < 60  # CMYK (0, 255, 255, 0) is red
-    gray = np.asarray(cats_dogs.load_rgb(folder.parent / PET_ODD["grayscale"]))
+    gray = hwc(cats_dogs.load_rgb(folder.parent / PET_ODD["grayscale"]))
     assert gray.shape[2] == 3 and np.array_equal(gray[..., 0], gray[..., 2])
     # and through the datamodule: every split yields normalised 3-channel tensors
     x, y = next(iter(dm.train_dataloader()))

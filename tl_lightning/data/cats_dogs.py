@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 from tqdm.auto import tqdm
@@ -93,7 +94,7 @@ def _fingerprint(classes: list[str], files: list[tuple[str, int, os.stat_result]
     return digest.hexdigest()
 
 
-def check_image(path: Path, size: int, load: Callable[[Path], Image.Image]) -> str | None:
+def check_image(path: Path, size: int, load: Callable[[Path], Image.Image | torch.Tensor]) -> str | None:
     """``None`` when the file decodes fully to an RGB image, else why it is skipped."""
     if size == 0:
         return "empty file (0 bytes)"
@@ -103,8 +104,9 @@ def check_image(path: Path, size: int, load: Callable[[Path], Image.Image]) -> s
         image = load(path)
     except Exception as e:  # noqa: BLE001 -- a scan reports every failure, it never crashes on one
         return failure_reason(e)
-    if min(image.size) < 1:
-        return f"degenerate image size {image.size}"
+    width_height = tuple(image.shape[:0:-1]) if isinstance(image, torch.Tensor) else image.size
+    if min(width_height) < 1:
+        return f"degenerate image size {width_height}"
     return None
 
 
@@ -168,7 +170,7 @@ def _write_cache(out_dir: Path, result: ScanResult, fingerprint: str) -> None:
 
 def scan_image_folder(
     folder: str | Path,
-    load: Callable[[Path], Image.Image],
+    load: Callable[[Path], Image.Image | torch.Tensor],
     out_dir: str | Path | None = None,
     workers: int | None = None,
     progress: bool = True,
