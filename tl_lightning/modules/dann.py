@@ -265,7 +265,6 @@ class DANNModule(ClassifierModule):
         )
         self.log("train/grl_lambda", lam, on_step=True, on_epoch=False, batch_size=n)
         self.log("train/lr", self._head_lr(), on_step=True, on_epoch=False, batch_size=n)
-        self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=n)
         return loss
 
     def _head_lr(self) -> float:
