@@ -322,11 +322,15 @@ class ProtoNetModule(TransferModule):
         self.val_loss.update(loss)
         self.val_acc.update(acc)
         self.val_accs.update(acc.reshape(1))
-        self.log("val/loss", self.val_loss, on_epoch=True, batch_size=1)
-        self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True, batch_size=1)
 
     def on_validation_epoch_end(self) -> None:
-        # gathered over all DDP ranks (a collective: runs on every rank)
+        # logged once per epoch, not per episode: a log call costs more than an episode on
+        # cached embeddings. Every compute() is a collective over DDP ranks: runs on every rank.
+        if self.val_loss.update_called:
+            self.log("val/loss", self.val_loss.compute())
+            self.log("val/acc", self.val_acc.compute(), prog_bar=True)
+        self.val_loss.reset()
+        self.val_acc.reset()
         self.val_episode_accuracies = self.val_accs.compute().reshape(-1).cpu()
         self.val_accs.reset()
 
@@ -334,11 +338,13 @@ class ProtoNetModule(TransferModule):
         loss, acc = self._episode(batch, "test")
         self.test_loss.update(loss)
         self.test_accs.update(acc.reshape(1))
-        self.log("test/loss", self.test_loss, on_epoch=True, batch_size=1)
 
     def on_test_epoch_end(self) -> None:
         accs = self.test_accs.compute().reshape(-1).cpu()  # gathered over all DDP ranks
         self.test_accs.reset()
+        if self.test_loss.update_called:
+            self.log("test/loss", self.test_loss.compute())  # once: see on_validation_epoch_end
+        self.test_loss.reset()
         mean, ci = confidence_interval(accs)
         self.test_episode_accuracies = accs
         self.test_results = {"acc": mean, "acc_ci95": ci, "episodes": accs.numel()}
