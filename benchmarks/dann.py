@@ -30,12 +30,15 @@ PAPER = "MNIST -> MNIST-M (Ganin et al. 2016): source-only 0.5225, DANN 0.7666"
 
 
 def digits_pair(
-    backbone: str, weights: str | None, image_size: int, batch_size: int
+    backbone: str, weights: str | None, image_size: int, batch_size: int, augment: str
 ) -> DomainAdaptationDataModule:
     part = "tl_lightning.data.digits_m.DigitsMDataModule"
     return DomainAdaptationDataModule(
-        source={"class_path": part, "init_args": {"part": "source", "blend": False}},
-        target={"class_path": part, "init_args": {"part": "target"}},
+        source={
+            "class_path": part,
+            "init_args": {"part": "source", "blend": False, "augment": augment},
+        },
+        target={"class_path": part, "init_args": {"part": "target", "augment": augment}},
         backbone=backbone,
         weights=weights,
         image_size=image_size,
@@ -72,6 +75,7 @@ def run(
     image_size: int,
     batch_size: int,
     threads: int,
+    augment: str,
 ) -> tuple[float, float, float]:
     """Train one model; returns (target-test acc, final train/domain_acc, seconds)."""
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -79,7 +83,7 @@ def run(
     torch.set_num_threads(threads)  # one thread per run: runs go in parallel, no oversubscription
     seed_everything(seed, workers=True, verbose=False)
     args = model_args(backbone)
-    dm = digits_pair(backbone, args["weights"], image_size, batch_size)
+    dm = digits_pair(backbone, args["weights"], image_size, batch_size, augment)
     model = DANNModule(num_classes=10, backbone=backbone, source_only=source_only, **args)
     trainer = Trainer(
         max_steps=steps,
@@ -127,6 +131,11 @@ def main() -> None:
         action="store_true",
         help="also fine-tune efficientnet_lite0 (slow on CPU)",
     )
+    parser.add_argument(
+        "--augment",
+        default="basic",
+        help="train augmentation of both domains: basic (random crops, the default) or none",
+    )
     parser.add_argument("--efficientnet-steps", type=int, default=200)
     parser.add_argument("--efficientnet-size", type=int, default=64)
     parser.add_argument(
@@ -140,7 +149,7 @@ def main() -> None:
     if args.efficientnet:
         configs.append(("efficientnet_lite0", args.efficientnet_steps, args.efficientnet_size))
     jobs = [
-        (backbone, source_only, seed, n_steps, size, args.batch_size, args.threads)
+        (backbone, source_only, seed, n_steps, size, args.batch_size, args.threads, args.augment)
         for backbone, n_steps, size in configs
         for seed in range(args.seeds)
         for source_only in (True, False)
@@ -175,7 +184,8 @@ def main() -> None:
         )
 
     print(
-        f"\nDigits -> digits-M, target-test accuracy, {args.seeds} seeds, batches of {args.batch_size} + {args.batch_size}\n"
+        f"\nDigits -> digits-M, target-test accuracy, {args.seeds} seeds, batches of {args.batch_size} + {args.batch_size}, "
+        f"augment {args.augment}\n"
     )
     print("| backbone | steps | px | source-only | DANN | gain | domain_acc (so / DANN) | s/run |")
     print("|---|---|---|---|---|---|---|---|")
