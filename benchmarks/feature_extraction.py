@@ -8,7 +8,9 @@ fp32 + channels_last, seed 0.
   runs it). "cold" starts from an empty cache directory, so computing the train/val features is
   inside the timed fit; "warm" runs the same fit again and reads the cache.
 - seeds' loop: plain PyTorch; every epoch pushes every image through the frozen backbone (eval
-  mode, ``no_grad``) and then steps the head; no validation. One run of max(E) epochs, the clock
+  mode, ``no_grad``) and then steps the head, then validates (recomputing the validation
+  features), as seed 003's ``train_long`` does and as ours does (``--seeds-no-val``: the loop
+  without validation, a lower bar for the speed-up). One run of max(E) epochs, the clock
   paused while the test accuracy is taken after each E in the list (no scheduler, so a run stopped
   at E is the same run). The "train-mode" variant is the seeds' real bug: ``model.train()`` on
   the frozen backbone, so BatchNorm running statistics drift toward the digits.
@@ -48,6 +50,7 @@ from tl_lightning.modules import FeatureExtractionModule
 BACKBONE, BATCH, LR = "efficientnet_lite0", 64, 1e-3
 SIZE = 64  # image side; --size overrides (--quick uses 32)
 DROP_LAST = False  # --seeds-drop-last: same number of steps per epoch as ours
+SEEDS_VALIDATE = True  # --seeds-no-val: the seeds' loop skips the per-epoch validation
 SEED = 0  # --seed: head init and shuffling, same for both
 
 
@@ -95,6 +98,7 @@ def run_seeds(checkpoints: list[int], backbone_mode: str) -> dict[int, tuple[flo
     # the library's train loader drops the last partial batch; the seeds' loop keeps it
     train = DataLoader(dm.train_set, batch_size=BATCH, shuffle=True, drop_last=DROP_LAST)
     test = DataLoader(dm.test_set, batch_size=BATCH)
+    val = DataLoader(dm.val_set, batch_size=BATCH)
     results, elapsed = {}, 0.0
     for epoch in range(1, max(checkpoints) + 1):
         start = time.perf_counter()
@@ -107,6 +111,8 @@ def run_seeds(checkpoints: list[int], backbone_mode: str) -> dict[int, tuple[flo
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+        if SEEDS_VALIDATE:
+            accuracy(backbone, head, val)  # the seeds print it; the clock includes it
         elapsed += time.perf_counter() - start
         if epoch in checkpoints:
             results[epoch] = (elapsed, accuracy(backbone, head, test))
@@ -126,20 +132,27 @@ def main() -> None:
         action="store_true",
         help="the seeds' loop drops the last partial batch, as the library's loader does",
     )
+    parser.add_argument(
+        "--seeds-no-val",
+        action="store_true",
+        help="the seeds' loop skips its per-epoch validation (ours still validates)",
+    )
     add_threads_arg(parser)
     args = parser.parse_args()
     apply_threads(args.threads)
-    global SIZE, DROP_LAST, SEED
+    global SIZE, DROP_LAST, SEED, SEEDS_VALIDATE
     SEED = args.seed
     SIZE = 32 if args.quick else args.size
     DROP_LAST = args.seeds_drop_last
+    SEEDS_VALIDATE = not args.seeds_no_val
     epochs = [1, 2] if args.quick else sorted(args.epochs)
     bug_epochs = 1 if args.quick else args.bug_epochs
     quiet_lightning()
     print_header("Feature extraction: cached linear probe vs the seeds' loop")
     print(
         f"digits at {SIZE} px, {BACKBONE}, batch {BATCH}, AdamW lr {LR}, fp32 + channels_last, "
-        f"seed {SEED}, seeds' loop drop_last={DROP_LAST} (ours: True)\n"
+        f"seed {SEED}, seeds' loop drop_last={DROP_LAST} (ours: True), "
+        f"seeds' loop validates each epoch: {SEEDS_VALIDATE} (ours: yes)\n"
     )
 
     seeds = run_seeds(epochs, "eval")
