@@ -119,6 +119,10 @@ def main() -> None:
         "--steps", type=int, default=None, help="steps per run (default 1500, --full 3000)"
     )
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--first-seed", type=int, default=0, help="seeds are first-seed, first-seed + 1, ..."
+    )
+    parser.add_argument("--no-cnn", action="store_true", help="only the EfficientNet-Lite0 rows")
     parser.add_argument("--image-size", type=int, default=28)
     parser.add_argument(
         "--batch-size",
@@ -145,13 +149,13 @@ def main() -> None:
     args = parser.parse_args()
     steps = args.steps or (3000 if args.full else 1500)
 
-    configs = [("dann_cnn", steps, args.image_size)]
+    configs = [] if args.no_cnn else [("dann_cnn", steps, args.image_size)]
     if args.efficientnet:
         configs.append(("efficientnet_lite0", args.efficientnet_steps, args.efficientnet_size))
     jobs = [
         (backbone, source_only, seed, n_steps, size, args.batch_size, args.threads, args.augment)
         for backbone, n_steps, size in configs
-        for seed in range(args.seeds)
+        for seed in range(args.first_seed, args.first_seed + args.seeds)
         for source_only in (True, False)
     ]
     results: dict[tuple, tuple[float, float, float]] = {}

@@ -94,7 +94,9 @@ def _fingerprint(classes: list[str], files: list[tuple[str, int, os.stat_result]
     return digest.hexdigest()
 
 
-def check_image(path: Path, size: int, load: Callable[[Path], Image.Image | torch.Tensor]) -> str | None:
+def check_image(
+    path: Path, size: int, load: Callable[[Path], Image.Image | torch.Tensor]
+) -> str | None:
     """``None`` when the file decodes fully to an RGB image, else why it is skipped."""
     if size == 0:
         return "empty file (0 bytes)"

@@ -77,8 +77,8 @@ def load_rgb(path: str | Path) -> Image.Image | torch.Tensor:
     if decode is not None and data[:3] == JPEG_MAGIC:
         try:
             return decode(data, mode="RGB")
-        except RuntimeError:
-            pass  # truncated or corrupt: PIL decodes what it can and names what is wrong
+        except Exception:  # noqa: BLE001 -- truncated, corrupt or unsupported: PIL decides and names why
+            pass
     with Image.open(io.BytesIO(data)) as img:
         img.load()  # full decode now: truncation must fail here, not later in a worker
         img = ImageOps.exif_transpose(img)
