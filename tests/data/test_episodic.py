@@ -169,11 +169,31 @@ def test_cached_models_get_index_only_eval_episodes():
     dm.trainer = Trainer()
     loader = dm.test_dataloader()
     assert isinstance(loader.dataset, IndexDataset) and loader.dataset.dataset is dm.test_set
-    s, sl, q, ql = next(iter(loader))
-    assert s.dtype == torch.int64 and s.ndim == 1
-    assert (
-        torch.as_tensor(dm.split_labels("test"))[torch.cat([s, q])] == torch.cat([sl, ql])
-    ).all()
+    labels = torch.as_tensor(dm.split_labels("test"))
+    batches = list(loader)
+    # 600 test episodes, 100 per step: [E, S] indices, the same episodes one-at-a-time draws
+    assert [len(b[0]) for b in batches] == [100] * 6
+    s, sl, q, ql = batches[0]
+    assert s.dtype == torch.int64 and s.shape == (100, 3 * 2) and q.shape == (100, 3 * 2)
+    assert (labels[torch.cat([s, q], 1)] == torch.cat([sl, ql], 1)).all()
+    one_at_a_time = EpisodicBatchSampler(labels, 3, 2, 2, 600, seed=2, reseed_each_epoch=False)
+    batched = [row for b in batches for row in torch.cat([b[0], b[2]], 1).tolist()]
+    assert batched == list(one_at_a_time)
+
+
+def test_episode_batches_under_ddp_cover_the_same_episodes():
+    labels = np.repeat(np.arange(4), 6)
+    drawn = []
+    for rank in (0, 1):
+        sampler = EpisodicBatchSampler(
+            labels, 2, 1, 1, 7, seed=3, reseed_each_epoch=False, rank=rank, world_size=2,
+            episodes_per_batch=3,
+        )  # fmt: skip
+        assert len(sampler) == 2  # 4 episodes per rank (7 rounded up to 8), 3 per step
+        flat = [i for batch in sampler for i in batch]
+        drawn += [tuple(flat[j : j + 4]) for j in range(0, len(flat), 4)]  # 2 x (1 + 1) each
+    one_process = EpisodicBatchSampler(labels, 2, 1, 1, 8, seed=3, reseed_each_epoch=False)
+    assert sorted(drawn) == sorted(map(tuple, one_process))
 
 
 def test_class_overrides_by_name_or_id_and_overlap_is_an_error():

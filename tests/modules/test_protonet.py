@@ -162,8 +162,9 @@ def test_bn_auto_keeps_pretrained_statistics_and_updates_random_init_ones():
         tiny_model(bn="frozen")
 
 
-def test_frozen_cached_evaluation_matches_uncached_and_reports_the_ci():
-    dm = FewShotDataModule(**TINY, test_episodes=24)
+@pytest.mark.parametrize("per_batch", [1, 5, 100])  # 24 episodes: one per step, 5 + ... + 4, all
+def test_frozen_cached_evaluation_matches_uncached_and_reports_the_ci(per_batch):
+    dm = FewShotDataModule(**TINY, test_episodes=24, eval_episodes_per_batch=per_batch)
     cached = tiny_model(freeze_backbone=True)
     plain = tiny_model(freeze_backbone=True, cache_embeddings=False)
     Trainer(**QUIET).test(cached, dm, verbose=False)

@@ -44,6 +44,8 @@ class EpisodicBatchSampler(BatchSampler):
     ``Trainer(use_distributed_sampler=True)`` (the default; its indices are ignored, only its
     rank is used); ``torch.distributed`` when initialised (``use_distributed_sampler=False``).
     ``reseed_each_epoch=False`` keeps the same episodes every epoch (validation, test).
+    ``episodes_per_batch > 1`` yields that many of this rank's episodes as one flat list (one
+    loader step), for evaluation on cached embeddings; the episodes themselves do not change.
 
     Example:
         >>> sampler = EpisodicBatchSampler(labels, way=5, shot=1, query=15, episodes=600, seed=0)
@@ -62,12 +64,18 @@ class EpisodicBatchSampler(BatchSampler):
         rank: int | None = None,
         world_size: int | None = None,
         sampler: object | None = None,
+        episodes_per_batch: int = 1,
     ):
         # No super().__init__: BatchSampler's arguments (sampler, batch_size) do not apply here.
         labels = np.asarray(
             labels.cpu() if isinstance(labels, torch.Tensor) else labels, dtype=np.int64
         )
-        for name, value in (("way", way), ("shot", shot), ("episodes", episodes)):
+        for name, value in (
+            ("way", way),
+            ("shot", shot),
+            ("episodes", episodes),
+            ("episodes_per_batch", episodes_per_batch),
+        ):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if query < 0:
@@ -75,6 +83,7 @@ class EpisodicBatchSampler(BatchSampler):
         self.labels = labels
         self.way, self.shot, self.query, self.episodes = way, shot, query, episodes
         self.seed, self.reseed_each_epoch = seed, reseed_each_epoch
+        self.episodes_per_batch = episodes_per_batch
         self.sampler = sampler
         self._rank, self._world_size = rank, world_size
         self.epoch = 0
@@ -107,9 +116,12 @@ class EpisodicBatchSampler(BatchSampler):
         """Called by Lightning every epoch: training draws new episodes each epoch."""
         self.epoch = epoch
 
-    def __len__(self) -> int:
+    def episodes_per_rank(self) -> int:
         _, world = self.replicas()
-        return -(-self.episodes // world)  # ceil: every rank runs the same number of steps
+        return -(-self.episodes // world)  # ceil: every rank runs the same number of episodes
+
+    def __len__(self) -> int:
+        return -(-self.episodes_per_rank() // self.episodes_per_batch)
 
     def episode(self, index: int) -> list[int]:
         """The indices of global episode ``index`` of the current epoch (support, then query)."""
@@ -126,8 +138,10 @@ class EpisodicBatchSampler(BatchSampler):
 
     def __iter__(self) -> Iterator[list[int]]:
         rank, world = self.replicas()
-        for step in range(len(self)):
-            yield self.episode(step * world + rank)
+        mine = range(self.episodes_per_rank())
+        for start in range(0, len(mine), self.episodes_per_batch):
+            steps = mine[start : start + self.episodes_per_batch]
+            yield [i for step in steps for i in self.episode(step * world + rank)]
 
 
 class EpisodeCollate:
@@ -135,17 +149,24 @@ class EpisodeCollate:
 
     Labels are the dataset's original class ids; the model remaps them to ``0..N-1``.
     Inputs are images ``[N, C, H, W]``, or int64 dataset indices ``[N]`` from an
-    :class:`IndexDataset` (cached-embedding evaluation).
+    :class:`IndexDataset` (cached-embedding evaluation). With ``query`` given, the samples are
+    several whole episodes (``episodes_per_batch``) and every output gains a leading episode
+    dimension: ``[E, S]``, ``[E, S]``, ``[E, Q]``, ``[E, Q]``.
     """
 
-    def __init__(self, way: int, shot: int):
+    def __init__(self, way: int, shot: int, query: int | None = None):
         self.n_support = way * shot
+        self.episode_size = None if query is None else way * (shot + query)
 
     def __call__(
         self, samples: list
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         x, y = default_collate(samples)
         k = self.n_support
+        if self.episode_size is not None:
+            x = x.view(-1, self.episode_size, *x.shape[1:])
+            y = y.view(-1, self.episode_size)
+            return x[:, :k], y[:, :k], x[:, k:], y[:, k:]
         return x[:k], y[:k], x[k:], y[k:]
 
 
@@ -208,7 +229,10 @@ class FewShotDataModule(ImageDataModule):
     ``Trainer(use_distributed_sampler=True)`` (default; Lightning's injected
     ``DistributedSampler`` is only read for the rank) and with ``False``. Validation and test
     episodes are the same every epoch (``seed + 1``, ``seed + 2``); training episodes change
-    each epoch. Test over >= 600 episodes for the paper's 95 % confidence interval.
+    each epoch. Test over >= 600 episodes for the paper's 95 % confidence interval. With a
+    frozen backbone whose embeddings are cached, validation and test run
+    ``eval_episodes_per_batch`` episodes per loader step (one vectorised computation, the same
+    episodes and numbers) instead of paying a Lightning step per episode.
 
     Example:
         >>> dm = FewShotDataModule("digits", backbone="conv4", image_size=28, way=5, shot=1)
@@ -242,6 +266,7 @@ class FewShotDataModule(ImageDataModule):
         augment: str = "none",
         num_workers: int | None = None,
         seed: int = 0,
+        eval_episodes_per_batch: int = 100,
     ):
         if dataset not in DATASETS:
             raise ValueError(f"unknown few-shot dataset '{dataset}'; valid: {list(DATASETS)}")
@@ -253,6 +278,8 @@ class FewShotDataModule(ImageDataModule):
             num_workers=num_workers,
             seed=seed,
         )
+        if eval_episodes_per_batch < 1:
+            raise ValueError(f"eval_episodes_per_batch must be >= 1, got {eval_episodes_per_batch}")
         self.save_hyperparameters()  # only this class's arguments (the base's batch_size etc. do not apply)
         self.dataset = dataset
         self.root = Path(root)
@@ -463,6 +490,13 @@ class FewShotDataModule(ImageDataModule):
         episodes = self.hparams[f"{split}_episodes"]
         labels = self.split_labels(split)
         offset = {"train": 0, "val": 1, "test": 2}[split]
+        model = (
+            getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        )
+        cached = not train and getattr(model, "uses_cached_embeddings", False)
+        if cached:  # the model embeds `dataset` once, then looks embeddings up by index
+            dataset = IndexDataset(dataset, labels)
+        per_batch = self.hparams.eval_episodes_per_batch if cached else 1
         sampler = EpisodicBatchSampler(
             labels,
             way,
@@ -471,18 +505,12 @@ class FewShotDataModule(ImageDataModule):
             episodes,
             seed=self.hparams.seed + offset,
             reseed_each_epoch=train,
+            episodes_per_batch=per_batch,
         )
-        model = (
-            getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
-        )
-        if not train and getattr(model, "uses_cached_embeddings", False):
-            dataset = IndexDataset(
-                dataset, labels
-            )  # the model embeds `dataset` once, then looks up
         return DataLoader(
             dataset,
             batch_sampler=sampler,
-            collate_fn=EpisodeCollate(way, shot),
+            collate_fn=EpisodeCollate(way, shot, query if cached else None),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
