@@ -78,8 +78,9 @@ def prototype_logits(
     if distance == "euclidean" and queries.ndim == 3:
         # Many episodes: the [E, Q, N, D] differences would not fit in cache (measured 4x slower
         # than episode by episode), so expand ||q||^2 - 2qp + ||p||^2 with one batched matmul,
-        # in float64 so the cancellation stays far below float32 rounding.
-        q, p = queries.double(), prototypes.double()
+        # in float64 so the cancellation stays far below float32 rounding (MPS has no float64).
+        wide = torch.float32 if queries.device.type == "mps" else torch.float64
+        q, p = queries.to(wide), prototypes.to(wide)
         sq = q.pow(2).sum(-1, keepdim=True) - 2 * q @ p.transpose(-1, -2) + p.pow(2).sum(-1)[:, None]
         return -sq.clamp(min=0).to(queries.dtype)
     if distance == "euclidean":
