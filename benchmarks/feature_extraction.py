@@ -2,7 +2,8 @@
 
 Protocol (same for both): scikit-learn digits at 64 px, stratified 60/20/20 split (seed 0, 1077
 training images), offline ImageNet EfficientNet-Lite0, a linear head, AdamW at 1e-3, batch 64,
-fp32 + channels_last, seed 0.
+channels_last, seed 0, and one precision for both (``--precision``: ``32-true`` or ``bf16-mixed``;
+the seeds' loop then runs its backbone forward under the same bf16 autocast).
 
 - ours: ``FeatureExtractionModule`` in the Lightning Trainer (validation every epoch, as a user
   runs it). "cold" starts from an empty cache directory, so computing the train/val features is
@@ -24,6 +25,7 @@ Timings cover training only (fit / the epoch loop), not building the backbone or
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 import time
 
@@ -52,6 +54,14 @@ SIZE = 64  # image side; --size overrides (--quick uses 32)
 DROP_LAST = False  # --seeds-drop-last: same number of steps per epoch as ours
 SEEDS_VALIDATE = True  # --seeds-no-val: the seeds' loop skips the per-epoch validation
 SEED = 0  # --seed: head init and shuffling, same for both
+PRECISION = "32-true"  # --precision: the same for both loops
+
+
+def autocast():
+    """The seeds' loop under the same autocast as Lightning's ``precision=PRECISION``."""
+    if PRECISION == "bf16-mixed":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def datamodule() -> DigitsDataModule:
@@ -65,7 +75,7 @@ def run_ours(epochs: int, cache_dir: str) -> tuple[float, float]:
     model = FeatureExtractionModule(
         num_classes=10, backbone=BACKBONE, cache_dir=cache_dir, channels_last=True
     )
-    trainer = Trainer(max_epochs=epochs, precision="32-true", **bare_trainer_kwargs())
+    trainer = Trainer(max_epochs=epochs, precision=PRECISION, **bare_trainer_kwargs())
     with timer() as t:
         trainer.fit(model, datamodule=dm)
     acc = trainer.test(model, datamodule=dm, verbose=False)[0]["test/acc"]
@@ -78,7 +88,9 @@ def accuracy(backbone: nn.Module, head: nn.Module, loader: DataLoader) -> float:
     backbone.eval()
     correct = total = 0
     for x, y in loader:
-        pred = head(backbone(x.contiguous(memory_format=torch.channels_last))).argmax(1)
+        with autocast():
+            feats = backbone(x.contiguous(memory_format=torch.channels_last))
+        pred = head(feats.float()).argmax(1)
         correct += int((pred == y).sum())
         total += len(y)
     backbone.train(was)
@@ -105,9 +117,9 @@ def run_seeds(checkpoints: list[int], backbone_mode: str) -> dict[int, tuple[flo
         backbone.train(backbone_mode == "train")  # the seeds call model.train() here
         head.train()
         for x, y in train:
-            with torch.no_grad():
+            with torch.no_grad(), autocast():
                 feats = backbone(x.contiguous(memory_format=torch.channels_last))
-            loss = F.cross_entropy(head(feats), y)
+            loss = F.cross_entropy(head(feats.float()), y)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -127,6 +139,7 @@ def main() -> None:
     parser.add_argument("--bug-epochs", type=int, default=10, help="length of the train-mode run")
     parser.add_argument("--size", type=int, default=64, help="image side in px")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true")
     parser.add_argument(
         "--seeds-drop-last",
         action="store_true",
@@ -140,8 +153,9 @@ def main() -> None:
     add_threads_arg(parser)
     args = parser.parse_args()
     apply_threads(args.threads)
-    global SIZE, DROP_LAST, SEED, SEEDS_VALIDATE
+    global SIZE, DROP_LAST, SEED, SEEDS_VALIDATE, PRECISION
     SEED = args.seed
+    PRECISION = args.precision
     SIZE = 32 if args.quick else args.size
     DROP_LAST = args.seeds_drop_last
     SEEDS_VALIDATE = not args.seeds_no_val
@@ -150,7 +164,7 @@ def main() -> None:
     quiet_lightning()
     print_header("Feature extraction: cached linear probe vs the seeds' loop")
     print(
-        f"digits at {SIZE} px, {BACKBONE}, batch {BATCH}, AdamW lr {LR}, fp32 + channels_last, "
+        f"digits at {SIZE} px, {BACKBONE}, batch {BATCH}, AdamW lr {LR}, {PRECISION} + channels_last, "
         f"seed {SEED}, seeds' loop drop_last={DROP_LAST} (ours: True), "
         f"seeds' loop validates each epoch: {SEEDS_VALIDATE} (ours: yes)\n"
     )

@@ -8,8 +8,9 @@ iterations until ``--iters`` or ``--max-seconds`` per setting, whichever comes f
 slow on CPUs without AVX-512 BF16 / AMX, so a fixed count could take many minutes).
 
 Accuracy parity: a cached linear probe (``FeatureExtractionModule``) on the digits at 64 px in
-the Trainer with ``precision="32-true"`` vs ``"bf16-mixed"`` (separate cache folders: the cache
-key does not include the precision), test accuracy and its difference.
+the Trainer with ``precision="32-true"`` vs ``"bf16-mixed"``, over ``--parity-seeds`` seeds (each
+seed its own split and head init; fresh cache folders), test accuracy per seed and the mean +- std
+of the bf16 - fp32 difference.
 
     python benchmarks/precision.py
     python benchmarks/precision.py --quick
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 import tempfile
 import time
 
@@ -116,30 +118,52 @@ def speed_table(args) -> None:
 
 
 def parity_table(args) -> None:
-    rows, accs = [], {}
-    for precision in ("32-true", "bf16-mixed"):
-        seed_everything(0, verbose=False)
-        dm = DigitsDataModule(
-            backbone="efficientnet_lite0", image_size=args.parity_size, batch_size=64, num_workers=0
-        )
-        with tempfile.TemporaryDirectory() as cache:
-            model = FeatureExtractionModule(
-                num_classes=10, backbone="efficientnet_lite0", cache_dir=cache
+    """Test accuracy of a cached linear probe in fp32 and bf16-mixed, per seed (split + head init)."""
+    accs: dict[str, list[float]] = {"32-true": [], "bf16-mixed": []}
+    seconds: dict[str, list[float]] = {"32-true": [], "bf16-mixed": []}
+    for seed in range(args.parity_seeds):
+        for precision in accs:
+            seed_everything(seed, verbose=False)
+            dm = DigitsDataModule(
+                backbone="efficientnet_lite0",
+                image_size=args.parity_size,
+                batch_size=64,
+                num_workers=0,
+                seed=seed,
             )
-            trainer = Trainer(
-                max_epochs=args.parity_epochs, precision=precision, **bare_trainer_kwargs()
-            )
-            with timer() as t:
-                trainer.fit(model, datamodule=dm)
-            accs[precision] = trainer.test(model, datamodule=dm, verbose=False)[0]["test/acc"]
-        rows.append([precision, fmt(100 * accs[precision], 1), fmt(t["s"])])
-    diff = 100 * (accs["bf16-mixed"] - accs["32-true"])
-    rows.append(["bf16 - fp32", f"{diff:+.1f} points", ""])
+            with tempfile.TemporaryDirectory() as cache:
+                model = FeatureExtractionModule(
+                    num_classes=10, backbone="efficientnet_lite0", cache_dir=cache
+                )
+                trainer = Trainer(
+                    max_epochs=args.parity_epochs, precision=precision, **bare_trainer_kwargs()
+                )
+                with timer() as t:
+                    trainer.fit(model, datamodule=dm)
+                acc = trainer.test(model, datamodule=dm, verbose=False)[0]["test/acc"]
+            accs[precision].append(100 * acc)
+            seconds[precision].append(t["s"])
+    rows = [
+        [
+            p,
+            " / ".join(fmt(a, 1) for a in accs[p]),
+            mean_std(accs[p]),
+            fmt(statistics.mean(seconds[p])),
+        ]
+        for p in accs
+    ]
+    diffs = [b - f for b, f in zip(accs["bf16-mixed"], accs["32-true"])]
+    rows.append(["bf16 - fp32", " / ".join(f"{d:+.1f}" for d in diffs), mean_std(diffs), ""])
     print(
         f"Accuracy parity: cached linear probe, digits at {args.parity_size} px, "
-        f"EfficientNet-Lite0, {args.parity_epochs} epochs, seed 0 (fit time includes caching):\n"
+        f"EfficientNet-Lite0, {args.parity_epochs} epochs, seeds 0-{args.parity_seeds - 1} "
+        "(split and head init; fit time includes caching):\n"
     )
-    print_table(["precision", "test acc (%)", "fit s"], rows)
+    print_table(["precision", "test acc per seed (%)", "mean +- std", "fit s (mean)"], rows)
+
+
+def mean_std(xs: list[float]) -> str:
+    return f"{statistics.mean(xs):.2f} +- {statistics.stdev(xs) if len(xs) > 1 else 0.0:.2f}"
 
 
 def main() -> None:
@@ -153,6 +177,7 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=15.0, help="per setting")
     parser.add_argument("--parity-size", type=int, default=64)
     parser.add_argument("--parity-epochs", type=int, default=10)
+    parser.add_argument("--parity-seeds", type=int, default=5)
     parser.add_argument("--skip-parity", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     add_threads_arg(parser)
@@ -160,7 +185,7 @@ def main() -> None:
     apply_threads(args.threads)
     if args.quick:
         args.models, args.size, args.batch, args.iters = ["efficientnet_lite0"], 64, 4, 1
-        args.parity_size, args.parity_epochs = 32, 2
+        args.parity_size, args.parity_epochs, args.parity_seeds = 32, 2, 2
     quiet_lightning()
     print_header("CPU precision and memory layout")
     if not args.skip_speed:
