@@ -3,10 +3,13 @@
     python benchmarks/dann.py                 # default: 1500 steps x 3 seeds (~5 min on 2 idle cores)
     python benchmarks/dann.py --full          # the planning length: 3000 steps of 64 + 64
     python benchmarks/dann.py --efficientnet  # add fine-tuned EfficientNet-Lite0 rows (slow on CPU)
+    python benchmarks/dann.py --pytorch-adapt-site DIR  # add pytorch-adapt's DANN as a peer row
 
 Every run trains the same code (``DANNModule``) with ``source_only`` on or off, then reports the
 target-test accuracy of the final weights (no target label is used for training or selection).
 Prints a markdown table: mean +- std over seeds, side by side, and the DANN - source-only gain.
+The peer row (``benchmarks/dann_pytorch_adapt.py``) trains pytorch-adapt's DANN on the same data,
+networks and schedules; its gain is against our source-only runs.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 import concurrent.futures
 import logging
 import multiprocessing
+import os
 import statistics
 import time
 import warnings
@@ -27,6 +31,7 @@ from tl_lightning.data.domain import DomainAdaptationDataModule
 from tl_lightning.modules.dann import DANNModule
 
 PAPER = "MNIST -> MNIST-M (Ganin et al. 2016): source-only 0.5225, DANN 0.7666"
+PEER = "pytorch-adapt"  # the peer runs' label in the jobs and the per-run lines
 
 
 def digits_pair(
@@ -104,6 +109,16 @@ def run(
     return test["test/acc"], domain_acc, seconds
 
 
+def run_peer(
+    seed: int, steps: int, image_size: int, batch_size: int, threads: int, augment: str
+) -> tuple[float, None, float]:
+    """pytorch-adapt's DANN on the dann_cnn setting; returns (target-test acc, None, seconds)."""
+    from dann_pytorch_adapt import run_pytorch_adapt
+
+    acc, seconds = run_pytorch_adapt(seed, steps, image_size, batch_size, threads, augment)
+    return acc, None, seconds
+
+
 def mean_std(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} +- {statistics.stdev(xs) if len(xs) > 1 else 0.0:.3f}"
 
@@ -146,8 +161,19 @@ def main() -> None:
         "--workers", type=int, default=2, help="runs trained in parallel (processes)"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument(
+        "--pytorch-adapt-site",
+        metavar="DIR",
+        help="add a pytorch-adapt DANN peer row (dann_cnn), importing pytorch_adapt from DIR",
+    )
     args = parser.parse_args()
     steps = args.steps or (3000 if args.full else 1500)
+    peer = args.pytorch_adapt_site is not None and not args.no_cnn
+    if peer:
+        from dann_pytorch_adapt import SITE_ENV, import_pytorch_adapt
+
+        os.environ[SITE_ENV] = args.pytorch_adapt_site  # the spawned runs import it from there
+        import_pytorch_adapt()  # a clear error now, not one per run
 
     configs = [] if args.no_cnn else [("dann_cnn", steps, args.image_size)]
     if args.efficientnet:
@@ -158,16 +184,25 @@ def main() -> None:
         for seed in range(args.first_seed, args.first_seed + args.seeds)
         for source_only in (True, False)
     ]
-    results: dict[tuple, tuple[float, float, float]] = {}
+    if peer:
+        jobs += [
+            (PEER, False, seed, steps, args.image_size, args.batch_size, args.threads, args.augment)
+            for seed in range(args.first_seed, args.first_seed + args.seeds)
+        ]
+    results: dict[tuple, tuple[float, float | None, float]] = {}
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=context) as pool:
-        futures = {pool.submit(run, *job): job for job in jobs}
+        futures = {
+            pool.submit(run_peer, *job[2:]) if job[0] == PEER else pool.submit(run, *job): job
+            for job in jobs
+        }
         for future in concurrent.futures.as_completed(futures):
             backbone, source_only, seed = futures[future][:3]
             acc, dacc, sec = results[futures[future]] = future.result()
             name = "source-only" if source_only else "DANN"
+            domain = "" if dacc is None else f", domain_acc {dacc:.3f}"
             print(
-                f"  {backbone} {name:11s} seed {seed}: target acc {acc:.3f}, domain_acc {dacc:.3f}, {sec:.0f}s",
+                f"  {backbone} {name:11s} seed {seed}: target acc {acc:.3f}{domain}, {sec:.0f}s",
                 flush=True,
             )
     rows = []
@@ -200,6 +235,13 @@ def main() -> None:
         sec = statistics.mean(r[2] for rs in result.values() for r in rs)
         print(
             f"| {backbone} | {n_steps} | {size} | {mean_std(so)} | {mean_std(da)} | {gain:+.3f} | {dso:.2f} / {dda:.2f} | {sec:.0f} |"
+        )
+    if peer:
+        pa = [v for k, v in results.items() if k[0] == PEER]
+        gain = statistics.mean(r[0] for r in pa) - statistics.mean(rows[0][3])
+        sec = statistics.mean(r[2] for r in pa)
+        print(
+            f"| pytorch-adapt DANN (peer), dann_cnn | {steps} | {args.image_size} | - | {mean_std([r[0] for r in pa])} | {gain:+.3f} | - | {sec:.0f} |"
         )
     print(f"\nReference: {PAPER}.")
 
