@@ -81,6 +81,7 @@ def run(
     batch_size: int,
     threads: int,
     augment: str,
+    precision: str = "32-true",
 ) -> tuple[float, float, float]:
     """Train one model; returns (target-test acc, final train/domain_acc, seconds)."""
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -94,6 +95,7 @@ def run(
         max_steps=steps,
         max_epochs=-1,
         accelerator="cpu",
+        precision=precision,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -162,6 +164,12 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument(
+        "--precision",
+        choices=["32-true", "bf16-mixed"],
+        default="32-true",
+        help="of our runs (the pytorch-adapt peer always runs fp32)",
+    )
+    parser.add_argument(
         "--pytorch-adapt-site",
         metavar="DIR",
         help="add a pytorch-adapt DANN peer row (dann_cnn), importing pytorch_adapt from DIR",
@@ -180,6 +188,7 @@ def main() -> None:
         configs.append(("efficientnet_lite0", args.efficientnet_steps, args.efficientnet_size))
     jobs = [
         (backbone, source_only, seed, n_steps, size, args.batch_size, args.threads, args.augment)
+        + (args.precision,)
         for backbone, n_steps, size in configs
         for seed in range(args.first_seed, args.first_seed + args.seeds)
         for source_only in (True, False)
@@ -224,7 +233,7 @@ def main() -> None:
 
     print(
         f"\nDigits -> digits-M, target-test accuracy, {args.seeds} seeds, batches of {args.batch_size} + {args.batch_size}, "
-        f"augment {args.augment}\n"
+        f"augment {args.augment}, precision {args.precision}\n"
     )
     print("| backbone | steps | px | source-only | DANN | gain | domain_acc (so / DANN) | s/run |")
     print("|---|---|---|---|---|---|---|---|")

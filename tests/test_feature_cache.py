@@ -55,9 +55,13 @@ def test_killed_write_leaves_no_partial_cache(tmp_path, monkeypatch):
 
 def _fit(tmp_path, cache: bool, **data_kwargs):
     torch.manual_seed(0)
-    model = FeatureExtractionModule(num_classes=10, cache_features=cache, cache_dir=str(tmp_path / "cache"), **TINY)
+    model = FeatureExtractionModule(
+        num_classes=10, cache_features=cache, cache_dir=str(tmp_path / "cache"), **TINY
+    )
     dm = tiny_digits(**data_kwargs)
-    trainer = quick_trainer(tmp_path, max_epochs=2, limit_train_batches=None, limit_val_batches=None, deterministic=True)
+    trainer = quick_trainer(
+        tmp_path, max_epochs=2, limit_train_batches=None, limit_val_batches=None, deterministic=True
+    )
     torch.manual_seed(1)
     trainer.fit(model, dm)
     return model, dm, trainer
@@ -70,7 +74,9 @@ def test_cached_training_equals_uncached_training(tmp_path):
     assert not isinstance(plain_dm.train_set, FeatureDataset)
     for a, b in zip(cached.head.parameters(), plain.head.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    assert trainer.callback_metrics["val/acc"] == pytest.approx(plain_trainer.callback_metrics["val/acc"].item(), abs=1e-6)
+    assert trainer.callback_metrics["val/acc"] == pytest.approx(
+        plain_trainer.callback_metrics["val/acc"].item(), abs=1e-6
+    )
 
 
 def test_key_changes_recompute_and_same_key_reuses(tmp_path):
@@ -86,3 +92,23 @@ def test_key_changes_recompute_and_same_key_reuses(tmp_path):
 def test_augmentation_turns_caching_off(tmp_path):
     _, dm, _ = _fit(tmp_path, cache=True, augment="basic")
     assert not isinstance(dm.train_set, FeatureDataset)
+
+
+@pytest.mark.parametrize(("cache_batch_size", "expected"), [(None, 8), (5, 5)])
+def test_caching_runs_at_the_datamodules_batch_size_unless_told(
+    tmp_path, cache_batch_size, expected
+):
+    model = FeatureExtractionModule(
+        num_classes=10, cache_dir=str(tmp_path / "cache"), cache_batch_size=cache_batch_size, **TINY
+    )
+    sizes = []
+    model.backbone.register_forward_hook(lambda m, args, out: sizes.append(len(args[0])))
+    quick_trainer(tmp_path, limit_train_batches=1, limit_val_batches=1).fit(
+        model, tiny_digits(batch_size=8)
+    )
+    assert max(sizes) == expected  # the caching passes (the other forward is the size probe)
+
+
+def test_cache_batch_size_must_be_positive():
+    with pytest.raises(ValueError, match="cache_batch_size"):
+        FeatureExtractionModule(num_classes=10, cache_batch_size=0, **TINY)
