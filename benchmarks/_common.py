@@ -6,6 +6,7 @@ import logging
 import os
 import platform
 import shlex
+import statistics
 import sys
 import time
 import warnings
@@ -137,3 +138,9 @@ def bare_trainer_kwargs() -> dict:
 
 def fmt(x: float, digits: int = 2) -> str:
     return f"{x:.{digits}f}"
+
+
+def mean_std(xs: Sequence[float], digits: int = 3) -> str:
+    """``"mean +- sample std"`` (std 0 for a single value)."""
+    std = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{statistics.mean(xs):.{digits}f} +- {std:.{digits}f}"

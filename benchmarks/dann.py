@@ -24,6 +24,7 @@ import time
 import warnings
 
 import torch
+from _common import mean_std
 from lightning.pytorch import Trainer, seed_everything
 
 import tl_lightning.backbones.dann_cnn  # noqa: F401  (registers dann_cnn)
@@ -121,10 +122,6 @@ def run_peer(
     return acc, None, seconds
 
 
-def mean_std(xs: list[float]) -> str:
-    return f"{statistics.mean(xs):.3f} +- {statistics.stdev(xs) if len(xs) > 1 else 0.0:.3f}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -176,7 +173,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     steps = args.steps or (3000 if args.full else 1500)
-    peer = args.pytorch_adapt_site is not None and not args.no_cnn
+    peer = args.pytorch_adapt_site is not None
+    if peer and (args.no_cnn or args.precision != "32-true"):
+        parser.error(
+            "the pytorch-adapt peer row trains dann_cnn in fp32: drop --no-cnn/--precision"
+        )
     if peer:
         from dann_pytorch_adapt import SITE_ENV, import_pytorch_adapt
 

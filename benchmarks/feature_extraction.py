@@ -3,7 +3,7 @@
 Protocol (same for both): scikit-learn digits at 64 px, stratified 60/20/20 split (seed 0, 1077
 training images), offline ImageNet EfficientNet-Lite0, a linear head, AdamW at 1e-3, batch 64,
 channels_last, seed 0, and one precision for both (``--precision``: ``32-true`` or ``bf16-mixed``;
-the seeds' loop then runs its backbone forward under the same bf16 autocast).
+the seeds' loop then runs its backbone and head forward under the same bf16 autocast).
 
 - ours: ``FeatureExtractionModule`` in the Lightning Trainer (validation every epoch, as a user
   runs it). "cold" starts from an empty cache directory, so computing the train/val features is
@@ -90,9 +90,8 @@ def accuracy(backbone: nn.Module, head: nn.Module, loader: DataLoader) -> float:
     backbone.eval()
     correct = total = 0
     for x, y in loader:
-        with autocast():
-            feats = backbone(x.contiguous(memory_format=torch.channels_last))
-        pred = head(feats.float()).argmax(1)
+        with autocast():  # head included, as in Lightning's bf16-mixed forward
+            pred = head(backbone(x.contiguous(memory_format=torch.channels_last))).argmax(1)
         correct += int((pred == y).sum())
         total += len(y)
     backbone.train(was)
@@ -119,9 +118,11 @@ def run_seeds(checkpoints: list[int], backbone_mode: str) -> dict[int, tuple[flo
         backbone.train(backbone_mode == "train")  # the seeds call model.train() here
         head.train()
         for x, y in train:
-            with torch.no_grad(), autocast():
-                feats = backbone(x.contiguous(memory_format=torch.channels_last))
-            loss = F.cross_entropy(head(feats.float()), y)
+            with autocast():  # the head too, as in Lightning's bf16-mixed forward
+                with torch.no_grad():
+                    feats = backbone(x.contiguous(memory_format=torch.channels_last))
+                logits = head(feats)
+            loss = F.cross_entropy(logits.float(), y)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -31,6 +31,7 @@ from _common import (
     apply_threads,
     bare_trainer_kwargs,
     fmt,
+    mean_std,
     print_header,
     print_table,
     quiet_lightning,
@@ -147,23 +148,19 @@ def parity_table(args) -> None:
         [
             p,
             " / ".join(fmt(a, 1) for a in accs[p]),
-            mean_std(accs[p]),
+            mean_std(accs[p], 2),
             fmt(statistics.mean(seconds[p])),
         ]
         for p in accs
     ]
     diffs = [b - f for b, f in zip(accs["bf16-mixed"], accs["32-true"])]
-    rows.append(["bf16 - fp32", " / ".join(f"{d:+.1f}" for d in diffs), mean_std(diffs), ""])
+    rows.append(["bf16 - fp32", " / ".join(f"{d:+.1f}" for d in diffs), mean_std(diffs, 2), ""])
     print(
         f"Accuracy parity: cached linear probe, digits at {args.parity_size} px, "
         f"EfficientNet-Lite0, {args.parity_epochs} epochs, seeds 0-{args.parity_seeds - 1} "
         "(split and head init; fit time includes caching):\n"
     )
     print_table(["precision", "test acc per seed (%)", "mean +- std", "fit s (mean)"], rows)
-
-
-def mean_std(xs: list[float]) -> str:
-    return f"{statistics.mean(xs):.2f} +- {statistics.stdev(xs) if len(xs) > 1 else 0.0:.2f}"
 
 
 def main() -> None:

@@ -49,7 +49,7 @@ def test_gpu_mixed_precision_follows_bf16_support(monkeypatch, bf16, expected):
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
-        ({"avx2", "fma"}, "32-true"),  # this CI machine: bf16 autocast 5-10x slower than fp32
+        ({"avx2", "fma"}, "32-true"),  # AVX2 only: bf16 autocast 3-16x slower than fp32
         ({"avx2", "avx512f"}, "32-true"),  # AVX-512 without BF16 still emulates bf16
         ({"avx2", "avx512f", "avx512_bf16"}, "bf16-mixed"),
         ({"avx2", "amx_bf16", "amx_tile"}, "bf16-mixed"),

@@ -12,7 +12,7 @@ from lightning.pytorch import Trainer
 log = logging.getLogger(__name__)
 
 MIXED = "mixed"
-# CPU flags of native bf16 matmuls; without them (AVX2 only) bf16 autocast is 5-10x slower than fp32
+# CPU flags of native bf16 matmuls; without them (AVX2 only) bf16 autocast is 3-16x slower than fp32
 _FAST_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 

@@ -20,7 +20,9 @@ def classifier(module):
 
 
 def protonet(_):
-    model = ProtoNetModule(backbone="conv4", weights=None, channels_last=True)
+    model = ProtoNetModule(
+        backbone="conv4", weights=None, num_classes=FEW_SHOT["way"], channels_last=True
+    )
     return model, FewShotDataModule(**FEW_SHOT)
 
 
