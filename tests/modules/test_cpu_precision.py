@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import seed_everything
 
-from tests.helpers import TINY, tiny_digits
+from tests.helpers import TINY, quick_trainer, tiny_digits
 from tests.modules.test_protonet import TINY as FEW_SHOT
 from tl_lightning.data.episodic import FewShotDataModule
 from tl_lightning.modules import FeatureExtractionModule, FineTuneModule
@@ -31,22 +31,13 @@ def protonet(_):
     [(classifier, FineTuneModule), (classifier, FeatureExtractionModule), (protonet, None)],
     ids=["finetune", "feature_extraction", "protonet"],
 )
-def test_training_steps_run_in_bf16_on_channels_last_and_learn(build, module):
+def test_training_steps_run_in_bf16_on_channels_last_and_learn(tmp_path, build, module):
     seed_everything(0)
     model, data = build(module)
     seen = []
     model.backbone.register_forward_hook(lambda m, args, out: seen.append((args[0], out)))
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    trainer = Trainer(
-        accelerator="cpu",
-        precision="bf16-mixed",
-        max_steps=2,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quick_trainer(tmp_path, precision="bf16-mixed", max_steps=2, limit_val_batches=0)
     trainer.fit(model, data)
 
     images, features = seen[-1]  # the last training step (seen[0] may be the setup size probe)
