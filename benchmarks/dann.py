@@ -73,6 +73,26 @@ def model_args(backbone: str) -> dict:
     )
 
 
+def seeded_start(
+    backbone: str,
+    seed: int,
+    image_size: int,
+    batch_size: int,
+    threads: int,
+    augment: str,
+    source_only: bool = False,
+) -> tuple[DomainAdaptationDataModule, DANNModule]:
+    """The data and the seeded initial model every run of this benchmark (and the peer) starts from."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(threads)  # one thread per run: runs go in parallel, no oversubscription
+    seed_everything(seed, workers=True, verbose=False)
+    args = model_args(backbone)
+    dm = digits_pair(backbone, args["weights"], image_size, batch_size, augment)
+    model = DANNModule(num_classes=10, backbone=backbone, source_only=source_only, **args)
+    return dm, model
+
+
 def run(
     backbone: str,
     source_only: bool,
@@ -85,13 +105,7 @@ def run(
     precision: str = "32-true",
 ) -> tuple[float, float, float]:
     """Train one model; returns (target-test acc, final train/domain_acc, seconds)."""
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(threads)  # one thread per run: runs go in parallel, no oversubscription
-    seed_everything(seed, workers=True, verbose=False)
-    args = model_args(backbone)
-    dm = digits_pair(backbone, args["weights"], image_size, batch_size, augment)
-    model = DANNModule(num_classes=10, backbone=backbone, source_only=source_only, **args)
+    dm, model = seeded_start(backbone, seed, image_size, batch_size, threads, augment, source_only)
     trainer = Trainer(
         max_steps=steps,
         max_epochs=-1,

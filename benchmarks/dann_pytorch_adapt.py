@@ -29,19 +29,16 @@ accuracy (0.532 +- 0.012), about 280 s a run; with ``--mean-weighter`` seed 0 ga
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import time
-import warnings
 
 import torch
-from dann import digits_pair, model_args
-from lightning.pytorch import seed_everything
+from dann import seeded_start
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from tl_lightning.modules.dann import DANNModule, dann_lr_factor
+from tl_lightning.modules.dann import dann_lr_factor
 from tl_lightning.modules.grl import grl_lambda
 
 SITE_ENV = "PYTORCH_ADAPT_SITE"
@@ -74,19 +71,13 @@ def run_pytorch_adapt(
     mean_weighter: bool = False,
 ) -> tuple[float, float]:
     """Train one pytorch-adapt DANN; returns (target-test acc, seconds)."""
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
     import_pytorch_adapt()
     from pytorch_adapt.adapters import DANN
     from pytorch_adapt.containers import LRSchedulers, Models, Optimizers
     from pytorch_adapt.hooks import FeaturesForDomainLossHook, GradientReversalHook
     from pytorch_adapt.weighters import MeanWeighter, SumWeighter
 
-    torch.set_num_threads(threads)
-    seed_everything(seed, workers=True, verbose=False)
-    args = model_args("dann_cnn")
-    dm = digits_pair("dann_cnn", args["weights"], image_size, batch_size, augment)
-    net = DANNModule(num_classes=10, backbone="dann_cnn", **args)  # run()'s initial weights
+    dm, net = seeded_start("dann_cnn", seed, image_size, batch_size, threads, augment)
     # pytorch-adapt's D returns [B] logits (its Discriminator squeezes): flatten our [B, 1]
     models = Models(
         {"G": net.backbone, "C": net.head, "D": nn.Sequential(net.domain_head, nn.Flatten(0))}
