@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -14,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 
 
 def cpu_model() -> str:
@@ -144,3 +146,10 @@ def mean_std(xs: Sequence[float], digits: int = 3) -> str:
     """``"mean +- sample std"`` (std 0 for a single value)."""
     std = statistics.stdev(xs) if len(xs) > 1 else 0.0
     return f"{statistics.mean(xs):.{digits}f} +- {std:.{digits}f}"
+
+
+def forward_context(precision: str):
+    """The autocast ``Trainer(precision=...)`` wraps a CPU forward in, for hand-written loops."""
+    if precision == "bf16-mixed":
+        return MixedPrecision("bf16-mixed", "cpu").forward_context()
+    return contextlib.nullcontext()

@@ -26,7 +26,6 @@ digits (``dm.setup`` runs before the clock for both) or the test pass.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import tempfile
 import time
 
@@ -37,6 +36,7 @@ from _common import (
     apply_threads,
     bare_trainer_kwargs,
     fmt,
+    forward_context,
     print_header,
     print_table,
     quiet_lightning,
@@ -56,13 +56,6 @@ DROP_LAST = False  # --seeds-drop-last: same number of steps per epoch as ours
 SEEDS_VALIDATE = True  # --seeds-no-val: the seeds' loop skips the per-epoch validation
 SEED = 0  # --seed: head init and shuffling, same for both
 PRECISION = "32-true"  # --precision: the same for both loops
-
-
-def autocast():
-    """The seeds' loop under the same autocast as Lightning's ``precision=PRECISION``."""
-    if PRECISION == "bf16-mixed":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def datamodule() -> DigitsDataModule:
@@ -90,7 +83,7 @@ def accuracy(backbone: nn.Module, head: nn.Module, loader: DataLoader) -> float:
     backbone.eval()
     correct = total = 0
     for x, y in loader:
-        with autocast():  # head included, as in Lightning's bf16-mixed forward
+        with forward_context(PRECISION):  # head included, as in Lightning's bf16-mixed forward
             pred = head(backbone(x.contiguous(memory_format=torch.channels_last))).argmax(1)
         correct += int((pred == y).sum())
         total += len(y)
@@ -118,7 +111,7 @@ def run_seeds(checkpoints: list[int], backbone_mode: str) -> dict[int, tuple[flo
         backbone.train(backbone_mode == "train")  # the seeds call model.train() here
         head.train()
         for x, y in train:
-            with autocast():  # the head too, as in Lightning's bf16-mixed forward
+            with forward_context(PRECISION):  # the head too, as in Lightning's bf16-mixed forward
                 with torch.no_grad():
                     feats = backbone(x.contiguous(memory_format=torch.channels_last))
                 logits = head(feats)

@@ -20,7 +20,6 @@ Variants, interleaved ``repeats`` times (median reported, the cores are shared):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import tempfile
 import time
@@ -32,6 +31,7 @@ from _common import (
     apply_threads,
     bare_trainer_kwargs,
     fmt,
+    forward_context,
     print_header,
     print_table,
     quiet_lightning,
@@ -78,15 +78,10 @@ def run_hand(args, data: TensorDataset) -> tuple[float, float]:
     model.to(memory_format=torch.channels_last)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    autocast = (
-        torch.autocast("cpu", dtype=torch.bfloat16)
-        if args.precision == "bf16-mixed"
-        else contextlib.nullcontext()
-    )
     start = end = 0.0
     steps = args.warmup + args.steps
     for i, (x, y) in enumerate(make_loader(data, args.batch)):
-        with autocast:
+        with forward_context(args.precision):
             logits = model(x)  # ClassifierModule.forward makes x channels_last, as in Lightning
         loss = F.cross_entropy(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)

@@ -19,7 +19,6 @@ of the bf16 - fp32 difference.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import tempfile
 import time
@@ -31,6 +30,7 @@ from _common import (
     apply_threads,
     bare_trainer_kwargs,
     fmt,
+    forward_context,
     mean_std,
     print_header,
     print_table,
@@ -38,7 +38,6 @@ from _common import (
     timer,
 )
 from lightning.pytorch import Trainer, seed_everything
-from lightning.pytorch.plugins.precision import MixedPrecision
 
 from tl_lightning.data import DigitsDataModule
 from tl_lightning.modules import FeatureExtractionModule, FineTuneModule
@@ -52,12 +51,6 @@ SETTINGS = [  # (label, precision, channels_last)
 WEIGHTS = {"resnet50": None, "efficientnet_lite0": "DEFAULT"}
 
 
-def context(precision: str):
-    if precision == "bf16-mixed":
-        return MixedPrecision("bf16-mixed", "cpu").forward_context()
-    return contextlib.nullcontext()
-
-
 def images_per_s(model, x, y, precision: str, train: bool, args) -> float:
     """Warm-up, then timed iterations bounded by ``--iters`` and ``--max-seconds``."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4) if train else None
@@ -65,14 +58,14 @@ def images_per_s(model, x, y, precision: str, train: bool, args) -> float:
 
     def step() -> None:
         if train:
-            with context(precision):
+            with forward_context(precision):
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         else:
-            with torch.inference_mode(), context(precision):
+            with torch.inference_mode(), forward_context(precision):
                 model(x)
 
     for _ in range(args.warmup):
