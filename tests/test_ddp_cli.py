@@ -8,6 +8,7 @@ the epoch metrics. A hang fails here by the subprocess timeout instead of stalli
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -41,16 +42,20 @@ CASES = {
 def test_two_process_cli_fit_with_progress_bar_and_default_callbacks_finishes(case, tmp_path):
     config, *overrides = CASES[case]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TL_LIGHTNING_CACHE": str(tmp_path / "cache")}
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", "tl_lightning", "fit", "--config", str(CONFIGS / config),
-             *overrides, *DDP, f"--trainer.default_root_dir={tmp_path}",
-             f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}"],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
-        )
-    except subprocess.TimeoutExpired as hang:
-        pytest.fail(f"{case}: 2-process DDP fit did not finish in 240 s (a collective mismatch?)\n"
-                    f"{(hang.stderr or b'')[-3000:]!r}")
+    command = [sys.executable, "-m", "tl_lightning", "fit", "--config", str(CONFIGS / config),
+               *overrides, *DDP, f"--trainer.default_root_dir={tmp_path}",
+               f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}"]
+    # its own session, so a hang's timeout kills rank 1 (Lightning's child) along with rank 0
+    with subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True) as run:
+        try:
+            stdout, stderr = run.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            os.killpg(run.pid, signal.SIGKILL)
+            stdout, stderr = run.communicate()
+            pytest.fail(f"{case}: 2-process DDP fit did not finish in 240 s (a collective "
+                        f"mismatch?)\n{stderr[-3000:]}")
+    done = subprocess.CompletedProcess(command, run.returncode, stdout, stderr)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "final val/acc" in done.stdout  # the CLI's summary: fit ended normally on rank 0
     assert "v_num=0" in done.stdout  # the progress bar was on
