@@ -28,7 +28,9 @@ def _lrs_over(scheduler, optimizer, steps):
 @pytest.mark.parametrize("total,fraction,min_ratio", [(40, 0.25, 0.0), (20, 0.1, 0.1)])
 def test_warmup_cosine_ramps_linearly_then_follows_the_cosine(total, fraction, min_ratio):
     optimizer = _optimizer()
-    scheduler = WarmupCosine(optimizer, total_steps=total, warmup_fraction=fraction, min_ratio=min_ratio)
+    scheduler = WarmupCosine(
+        optimizer, total_steps=total, warmup_fraction=fraction, min_ratio=min_ratio
+    )
     seen = _lrs_over(scheduler, optimizer, total)
     warmup = int(fraction * total)
     for step, (lr0, lr1) in enumerate(seen):
@@ -81,5 +83,7 @@ def test_make_scheduler_gives_step_schedulers_the_run_length():
     seen = _lrs_over(config["scheduler"], optimizer, 8)
     assert [s[0] for s in seen[:4]] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert seen[-1][0] == pytest.approx((1 + math.cos(math.pi * 3 / 4)) / 2)
-    epoch = make_scheduler(functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1), optimizer, 8)
+    epoch = make_scheduler(
+        functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1), optimizer, 8
+    )
     assert epoch["interval"] == "epoch"

@@ -39,7 +39,12 @@ class Recorder(Callback):
         ]
         lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
         self.steps.append(
-            {"epoch": trainer.current_epoch, "step": trainer.global_step, "trains": trains, "lrs": lrs}
+            {
+                "epoch": trainer.current_epoch,
+                "step": trainer.global_step,
+                "trains": trains,
+                "lrs": lrs,
+            }
         )
 
 
@@ -53,7 +58,9 @@ def fit(callback: GradualUnfreezing, max_epochs: int, batches: int = 2) -> list[
         channels_last=False,
     )
     g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 3, (8,), generator=g))
+    data = TensorDataset(
+        torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 3, (8,), generator=g)
+    )
     recorder = Recorder()
     Trainer(
         max_epochs=max_epochs,
@@ -83,7 +90,9 @@ def test_every_n_epochs_unfreezes_one_group_at_a_time_from_the_top():
 
 def test_warmup_ramps_a_newly_unfrozen_group_linearly_from_zero():
     warmup = 3
-    callback = GradualUnfreezing(unfreeze_at_epoch=1, lr_ratio=0.5, warmup_steps=warmup, log_lrs=False)
+    callback = GradualUnfreezing(
+        unfreeze_at_epoch=1, lr_ratio=0.5, warmup_steps=warmup, log_lrs=False
+    )
     steps = fit(callback, max_epochs=4, batches=2)
     unfrozen_at = 2  # epoch 1 starts at global step 2
     for s in steps:

@@ -80,7 +80,9 @@ def sleeps(monkeypatch):
 
 
 def test_stale_part_longer_than_the_file_gets_416_and_a_fresh_download(server, tmp_path, sleeps):
-    (tmp_path / "blob.bin.part").write_bytes(b"x" * (len(PAYLOAD) + 10))  # from an older, bigger file
+    (tmp_path / "blob.bin.part").write_bytes(
+        b"x" * (len(PAYLOAD) + 10)
+    )  # from an older, bigger file
     server.script = [416]
     path = download_url(server.url, tmp_path / "blob.bin", SHA256, "sha256", progress=False)
     assert path.read_bytes() == PAYLOAD
@@ -90,9 +92,13 @@ def test_stale_part_longer_than_the_file_gets_416_and_a_fresh_download(server, t
 
 
 @pytest.mark.parametrize("status", [500, 503, 408, 429])
-def test_server_errors_timeouts_and_rate_limits_are_retried_with_backoff(server, tmp_path, sleeps, status):
+def test_server_errors_timeouts_and_rate_limits_are_retried_with_backoff(
+    server, tmp_path, sleeps, status
+):
     server.script = [status, status]
-    path = download_url(server.url, tmp_path / "blob.bin", SHA256, "sha256", retries=3, progress=False)
+    path = download_url(
+        server.url, tmp_path / "blob.bin", SHA256, "sha256", retries=3, progress=False
+    )
     assert path.read_bytes() == PAYLOAD
     assert len(server.seen) == 3
     assert sleeps == [0.5, 1.0]  # exponential back-off: 0.5 s, then 1 s

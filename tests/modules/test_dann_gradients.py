@@ -52,7 +52,9 @@ def _reference_grads(model, xs, ys, xt):
     domain_target = torch.tensor([0.0] * len(xs) + [1.0] * len(xt), dtype=torch.double)
     domain_loss = F.binary_cross_entropy_with_logits(domain_logits, domain_target)
     params = dict(model.named_parameters())
-    gc = torch.autograd.grad(class_loss, list(params.values()), retain_graph=True, allow_unused=True)
+    gc = torch.autograd.grad(
+        class_loss, list(params.values()), retain_graph=True, allow_unused=True
+    )
     gd = torch.autograd.grad(domain_loss, list(params.values()), allow_unused=True)
     zero = [torch.zeros_like(p) for p in params.values()]
     gc = {n: g if g is not None else z for n, g, z in zip(params, gc, zero)}
@@ -77,7 +79,9 @@ def test_backbone_gradient_is_class_gradient_minus_lambda_times_weighted_domain_
     gc, gd, class_loss, domain_loss = _reference_grads(model, xs, ys, xt)
     grads, loss = _step_grads(model, batch)
 
-    torch.testing.assert_close(loss.double(), class_loss + weight * domain_loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(
+        loss.double(), class_loss + weight * domain_loss, rtol=1e-6, atol=1e-7
+    )
     backbone = [n for n in grads if n.startswith("backbone.")]
     assert backbone and any(gd[n].abs().sum() > 0 for n in backbone)
     for n in backbone:  # reversed and scaled on the feature extractor...
@@ -93,7 +97,9 @@ def test_source_only_sends_no_domain_gradient_to_the_features():
     model, batch, xs, ys, xt = _model_and_batch(0.6, 0.35, source_only=True)
     gc, gd, class_loss, domain_loss = _reference_grads(model, xs, ys, xt)
     grads, loss = _step_grads(model, batch)
-    torch.testing.assert_close(loss.double(), class_loss + domain_loss, rtol=1e-6, atol=1e-7)  # the baseline's weight is 1
+    torch.testing.assert_close(
+        loss.double(), class_loss + domain_loss, rtol=1e-6, atol=1e-7
+    )  # the baseline's weight is 1
     for n in grads:
         if n.startswith("backbone."):
             torch.testing.assert_close(grads[n], gc[n], rtol=1e-5, atol=1e-7)
