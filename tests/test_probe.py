@@ -111,3 +111,13 @@ def test_bad_labels_name_the_range():
     x, y = _blobs()
     with pytest.raises(DataError, match=r"\[0, 1\]"):
         fit_logistic_regression(x, y, num_classes=2, l2=1e-3)
+
+
+def test_warm_start_from_the_solution_stays_there():
+    # the warm start is taken in the caller's (uncentred) coordinates: one step from the answer
+    # must not move it
+    x, y = _blobs(spread=2.0, seed=3)
+    w, b = fit_logistic_regression(x, y, 3, l2=1e-2)
+    again_w, again_b = fit_logistic_regression(x, y, 3, l2=1e-2, max_iter=1, weight=w, bias=b)
+    torch.testing.assert_close(again_w, w, atol=1e-4, rtol=0)
+    torch.testing.assert_close(again_b, b, atol=1e-4, rtol=0)
