@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from tl_lightning.errors import DataError
@@ -64,12 +63,13 @@ def fit_logistic_regression(
     max_iter: int = 1000,
     weight: Tensor | None = None,
     bias: Tensor | None = None,
+    tol: float = 1e-4,
 ) -> tuple[Tensor, Tensor]:
     """Minimise ``mean CE(features @ W.T + b, labels) + l2/2 ||W||^2`` by full-batch L-BFGS.
 
-    ``weight`` (C, D) and ``bias`` (C,) warm-start the fit. Computes in float64 and returns float32
-    ``(weight, bias)`` on the features' device: the same minimiser as scikit-learn's
-    ``LogisticRegression(solver="lbfgs", C=1/(n*l2))``.
+    ``weight`` (C, D) and ``bias`` (C,) warm-start the fit. It stops when every gradient entry is
+    below ``tol`` in absolute value: scikit-learn's ``tol`` (and its default) on the same, mean-scaled
+    objective. Returns float32 ``(weight, bias)`` on the features' device: the same minimiser as scikit-learn's ``LogisticRegression(solver="lbfgs", C=1/(n*l2))``.
 
     Example::
 
@@ -79,41 +79,48 @@ def fit_logistic_regression(
     _check(features, labels, num_classes)
     if l2 < 0:
         raise ValueError(f"l2 must be >= 0, got {l2}")
-    # inference tensors (from a cache built under inference_mode) cannot enter autograd: copy out
-    with torch.inference_mode(False), torch.enable_grad():
-        # float64: in float32 the loss stops resolving changes while the gradient is still ~1e-4,
-        # so L-BFGS halts short of the optimum scikit-learn reaches
-        x = features.detach().to(torch.float64, copy=True)
-        y = labels.detach().long().clone()
+    # The two products with the features run in their own precision (float32 from a cache: half the
+    # time of float64); logits, loss, gradients and the L-BFGS state are float64, because a float32
+    # loss stops resolving changes while the gradient is still ~1e-4 and L-BFGS halts short of the
+    # optimum. Gradients are written by hand: no autograd graph, and no inference-tensor trouble.
+    with torch.inference_mode(False), torch.no_grad():
+        gemm = torch.float64 if features.dtype == torch.float64 else torch.float32
+        x64 = features.detach().to(torch.float64)
         # centring is an exact reparameterisation (the bias is unregularised: b' = b + W mu) that
         # makes the problem far better conditioned for L-BFGS
-        mu = x.mean(0)
-        x -= mu
-        d = x.shape[1]
-        w = torch.zeros(num_classes, d, dtype=x.dtype, device=x.device) if weight is None else weight
-        b = torch.zeros(num_classes, dtype=x.dtype, device=x.device) if bias is None else bias
-        w = w.detach().to(x.device, x.dtype, copy=True).requires_grad_(True)
-        b = (b.detach().to(x.device, x.dtype) + w.detach() @ mu).requires_grad_(True)
+        mu = x64.mean(0)
+        x = (x64 - mu).to(gemm)
+        del x64
+        y = labels.detach().to(x.device, torch.long)
+        n, d = x.shape
+        rows = torch.arange(n, device=x.device)
+        w = torch.zeros(num_classes, d, dtype=torch.float64, device=x.device) if weight is None else weight
+        b = torch.zeros(num_classes, dtype=torch.float64, device=x.device) if bias is None else bias
+        w = w.detach().to(x.device, torch.float64, copy=True)
+        b = b.detach().to(x.device, torch.float64) + w @ mu
         optimizer = torch.optim.LBFGS(
             [w, b],
             lr=1.0,
             max_iter=max_iter,
             max_eval=max_iter * 5 // 4,
-            tolerance_grad=1e-7,
+            tolerance_grad=tol,
             tolerance_change=1e-10,
             history_size=20,
             line_search_fn="strong_wolfe",
         )
 
         def closure() -> Tensor:
-            optimizer.zero_grad()
-            loss = F.cross_entropy(x @ w.T + b, y) + 0.5 * l2 * w.pow(2).sum()
-            loss.backward()
+            log_p = torch.log_softmax((x @ w.to(gemm).T).double() + b, dim=1)
+            loss = -log_p[rows, y].mean() + 0.5 * l2 * w.pow(2).sum()
+            residual = log_p.exp_()  # d(mean CE)/d(logits) = (softmax - onehot) / n
+            residual[rows, y] -= 1.0
+            residual /= n
+            w.grad = (residual.to(gemm).T @ x).double() + l2 * w
+            b.grad = residual.sum(0)
             return loss
 
         optimizer.step(closure)
-        w = w.detach()
-        return w.float(), (b.detach() - w @ mu).float()
+        return w.float(), (b - w @ mu).float()
 
 
 def _accuracy(features: Tensor, labels: Tensor, weight: Tensor, bias: Tensor) -> float:
@@ -130,6 +137,7 @@ def sweep_logistic_regression(
     num_classes: int,
     grid: Sequence[float] | None = None,
     max_iter: int = 1000,
+    tol: float = 1e-4,
 ) -> ProbeResult:
     """Fit one probe per ``l2`` in ``grid`` and keep the best on the validation split.
 
@@ -152,7 +160,14 @@ def sweep_logistic_regression(
     curve: list[tuple[float, float]] = []
     for l2 in grid:
         weight, bias = fit_logistic_regression(
-            train_features, train_labels, num_classes, l2, max_iter=max_iter, weight=weight, bias=bias
+            train_features,
+            train_labels,
+            num_classes,
+            l2,
+            max_iter=max_iter,
+            weight=weight,
+            bias=bias,
+            tol=tol,
         )
         acc = _accuracy(val_features, val_labels, weight, bias)
         curve.append((l2, acc))

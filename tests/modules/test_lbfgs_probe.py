@@ -13,6 +13,7 @@ from tl_lightning.modules import FeatureExtractionModule
 from tl_lightning.probe import fit_logistic_regression
 
 GRID = [1e-1, 1e-3]
+TOL = 1e-6  # tight, so that the head is the optimum and not where one trajectory stopped
 
 
 def _image_features(model, dataset):
@@ -27,7 +28,7 @@ def fitted(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("lbfgs")
     torch.manual_seed(0)
     model = FeatureExtractionModule(
-        num_classes=10, probe="lbfgs", probe_grid=GRID, cache_dir=str(tmp_path / "cache"), **TINY
+        num_classes=10, probe="lbfgs", probe_grid=GRID, probe_tol=TOL, cache_dir=str(tmp_path / "cache"), **TINY
     )
     dm = tiny_digits()
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/acc", mode="max")
@@ -54,12 +55,12 @@ def test_head_is_the_validation_best_lbfgs_fit_and_training_stops(fitted):
     val_x, val_y = _image_features(model, dm2.val_set)
     accs = {}
     for l2 in GRID:
-        w, b = fit_logistic_regression(train_x, train_y, 10, l2)
-        accs[l2] = ((val_x @ w.T + b).argmax(1) == val_y).float().mean().item()
+        w, b = fit_logistic_regression(train_x.double(), train_y, 10, l2, tol=1e-8)
+        accs[l2] = ((val_x.float() @ w.T + b).argmax(1) == val_y).float().mean().item()
     best = max(GRID, key=lambda l2: (accs[l2], l2))
     assert model.probe_result.l2 == best
     assert dict(model.probe_result.curve) == pytest.approx(accs, abs=1.5 / len(val_y))
-    w, b = fit_logistic_regression(train_x, train_y, 10, best)
+    w, b = fit_logistic_regression(train_x.double(), train_y, 10, best, tol=1e-8)
     torch.testing.assert_close(model.head[-1].weight, w, atol=2e-3, rtol=2e-3)
     head_b = model.head[-1].bias
     torch.testing.assert_close(head_b - head_b.mean(), b - b.mean(), atol=2e-3, rtol=2e-3)

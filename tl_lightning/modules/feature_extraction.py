@@ -60,6 +60,7 @@ class FeatureExtractionModule(ClassifierModule):
         probe_grid: ``lbfgs`` strengths ``l2`` (``C = 1 / (n_train * l2)`` in scikit-learn terms);
             default ``tl_lightning.probe.DEFAULT_GRID``, 1e-6 .. 1, two a decade.
         probe_max_iter: ``lbfgs`` iterations per strength at most.
+        probe_tol: ``lbfgs`` stops when every gradient entry is below this (scikit-learn's ``tol``).
         Everything else: see :class:`~tl_lightning.modules.base.ClassifierModule`.
 
     Example:
@@ -78,6 +79,7 @@ class FeatureExtractionModule(ClassifierModule):
         probe: str = "sgd",
         probe_grid: list[float] | None = None,
         probe_max_iter: int = 1000,
+        probe_tol: float = 1e-4,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -157,6 +159,7 @@ class FeatureExtractionModule(ClassifierModule):
             self.hparams.num_classes,
             grid=self.hparams.probe_grid,
             max_iter=self.hparams.probe_max_iter,
+            tol=self.hparams.probe_tol,
         )
         linear = self.head[-1]
         with torch.no_grad():
