@@ -225,40 +225,65 @@ class FeatureExtractionModule(ClassifierModule):
                 setattr(datamodule, split, self._cache(dataset, split))
 
     def _cache(self, dataset, split: str) -> FeatureDataset:
-        transform = getattr(dataset, "transform", None)
-        key = cache_key(
-            backbone=self.hparams.backbone,
-            layer=self.hparams.layer,
-            weights=self._weights_fingerprint(),
-            data=dataset_fingerprint(dataset, repr(transform)),
-            dtype=self.hparams.cache_dtype,
-            precision=str(self.trainer.precision),  # bf16 features differ from fp32 ones
-        )
-        trainer = self.trainer
-        datamodule = trainer.datamodule
-        data_batch = getattr(datamodule, "batch_size", None) or getattr(
-            datamodule, "hparams", {}
-        ).get("batch_size")
-        args = dict(
-            key=key,
+        return cache_split(
+            self,
+            dataset,
+            split,
             cache_dir=self.hparams.cache_dir,
             dtype=self.hparams.cache_dtype,
-            batch_size=self.hparams.cache_batch_size or data_batch or 128,
-            device=trainer.strategy.root_device,
-            forward_context=trainer.precision_plugin.forward_context,
-            desc=f"caching {split.removesuffix('_set')} features",
+            batch_size=self.hparams.cache_batch_size,
         )
-        self.backbone.to(trainer.strategy.root_device)
-        if trainer.is_global_zero:
-            cached_features(self.backbone, dataset, **args)
-        trainer.strategy.barrier("feature_cache")
-        return cached_features(self.backbone, dataset, **args)  # a cache hit on every rank
 
-    def _weights_fingerprint(self) -> str:
-        h = hashlib.sha256()
-        for name, tensor in self.backbone.state_dict().items():
-            h.update(name.encode())
-            h.update(
-                tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-            )
-        return h.hexdigest()
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's state dict (names and bytes): part of a feature cache's key."""
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_split(
+    module: ClassifierModule,
+    dataset,
+    split: str,
+    cache_dir: str | None = None,
+    dtype: str = "float32",
+    batch_size: int | None = None,
+) -> FeatureDataset:
+    """The cached features of ``module.backbone`` (in eval mode) on ``dataset``, computed if absent.
+
+    Keyed by backbone, layer, weights, data, dtype and the trainer's precision; under DDP rank 0
+    fills the cache while the other ranks wait, then every rank reads it. Used by
+    :class:`FeatureExtractionModule` and by the frozen phase of
+    :class:`~tl_lightning.callbacks.unfreezing.GradualUnfreezing`, so they share caches.
+    """
+    trainer = module.trainer
+    transform = getattr(dataset, "transform", None)
+    key = cache_key(
+        backbone=module.hparams.backbone,
+        layer=module.hparams.layer,
+        weights=weights_fingerprint(module.backbone),
+        data=dataset_fingerprint(dataset, repr(transform)),
+        dtype=dtype,
+        precision=str(trainer.precision),  # bf16 features differ from fp32 ones
+    )
+    datamodule = trainer.datamodule
+    data_batch = getattr(datamodule, "batch_size", None) or getattr(datamodule, "hparams", {}).get(
+        "batch_size"
+    )
+    args = dict(
+        key=key,
+        cache_dir=cache_dir,
+        dtype=dtype,
+        batch_size=batch_size or data_batch or 128,
+        device=trainer.strategy.root_device,
+        forward_context=trainer.precision_plugin.forward_context,
+        desc=f"caching {split.removesuffix('_set')} features",
+    )
+    module.backbone.to(trainer.strategy.root_device)
+    if trainer.is_global_zero:
+        cached_features(module.backbone, dataset, **args)
+    trainer.strategy.barrier("feature_cache")
+    return cached_features(module.backbone, dataset, **args)  # a cache hit on every rank
