@@ -83,8 +83,9 @@ def test_cached_frozen_phase_gives_the_uncached_weights(tmp_path, monkeypatch):
 def test_frozen_phase_weights_match_after_two_epochs(tmp_path, monkeypatch):
     # the head alone, right at the switch: the strictest comparison of the cached phase
     monkeypatch.setenv("TL_LIGHTNING_CACHE", str(tmp_path / "cache"))
-    cached, *_ = fit(tmp_path, 2, cache=True)
+    cached, kinds, *_ = fit(tmp_path, 2, cache=True)
     plain, *_ = fit(tmp_path, 2, cache=False)
+    assert kinds.ndim == {0: {2}, 1: {2}}
     before = model()
     assert not torch.equal(before.head[-1].weight, cached.head[-1].weight)  # it did train
     for a, b in zip(cached.head.parameters(), plain.head.parameters()):
