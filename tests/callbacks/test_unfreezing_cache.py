@@ -43,10 +43,10 @@ def model() -> FineTuneModule:
     )
 
 
-def fit(tmp_path, epochs: int, cache: bool, callbacks=(), ckpt_path=None, **kw):
+def fit(tmp_path, epochs: int, cache: bool, callbacks=(), ckpt_path=None, bn="eval", batch=16, **kw):
     net = model()
     kinds = InputKinds()
-    unfreeze = GradualUnfreezing(unfreeze_at_epoch=2, lr_ratio=0.1, cache_frozen=cache)
+    unfreeze = GradualUnfreezing(unfreeze_at_epoch=2, lr_ratio=0.1, cache_frozen=cache, bn=bn)
     trainer = Trainer(
         max_epochs=epochs,
         accelerator="cpu",
@@ -60,7 +60,7 @@ def fit(tmp_path, epochs: int, cache: bool, callbacks=(), ckpt_path=None, **kw):
         callbacks=[unfreeze, kinds, *callbacks],
         **kw,
     )
-    dm = tiny_digits(batch_size=16)
+    dm = tiny_digits(batch_size=batch)
     trainer.fit(net, datamodule=dm, ckpt_path=ckpt_path)
     return net, kinds, trainer, dm
 
@@ -111,7 +111,7 @@ def test_no_cache_where_it_would_not_be_exact(tmp_path, monkeypatch):
     trainer = Trainer(
         max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_train_batches=2, limit_val_batches=1,
-        callbacks=[GradualUnfreezing(unfreeze_at_epoch=2, bn="stats"), kinds],
+        callbacks=[GradualUnfreezing(unfreeze_at_epoch=2, bn="train"), kinds],
     )
     trainer.fit(net, datamodule=tiny_digits(batch_size=16))
     assert kinds.ndim == {0: {4}}
@@ -123,3 +123,25 @@ def test_no_cache_where_it_would_not_be_exact(tmp_path, monkeypatch):
     )
     trainer.fit(model(), datamodule=tiny_digits(batch_size=16, augment="basic"))
     assert kinds2.ndim == {0: {4}}
+
+
+def test_stats_policy_estimates_batchnorm_statistics_once_then_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("TL_LIGHTNING_CACHE", str(tmp_path / "cache"))
+    dm = tiny_digits()
+    dm.setup("fit")
+    n = len(dm.train_set)
+    batch = next(b for b in range(64, 1, -1) if n % b == 0)  # equal batches: mean of batch means = mean
+    net, kinds, _, _ = fit(tmp_path, 1, cache=True, bn="stats", batch=batch)
+    assert kinds.ndim == {0: {2}}
+    # independent: the first BatchNorm's input is conv1(image); its statistics over all train images
+    images = torch.stack([dm.train_set[i][0] for i in range(n)])
+    fresh = model()  # the same initial weights (seeded); the first conv never trains here
+    with torch.no_grad():
+        z = fresh.backbone.body.conv1(images)
+    mean = z.mean(dim=(0, 2, 3))
+    var = z.var(dim=(0, 2, 3))
+    bn1 = net.backbone.body.bn1
+    torch.testing.assert_close(bn1.running_mean, mean, rtol=1e-4, atol=1e-5)
+    # the average of per-batch variances: the full variance less the spread of the batch means
+    torch.testing.assert_close(bn1.running_var, var, rtol=0.05, atol=1e-4)
+    assert not torch.allclose(fresh.backbone.body.bn1.running_mean, mean, atol=1e-2)  # it moved

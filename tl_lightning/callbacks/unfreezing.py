@@ -50,8 +50,11 @@ class GradualUnfreezing(Callback):
     computed once (the on-disk cache :class:`~tl_lightning.modules.FeatureExtractionModule` uses,
     so the two share it) and the frozen epochs run on them; the first unfreeze switches back to
     images. Same batches, same order, same head weights as the uncached path (tested); a run
-    resumed inside the frozen phase reads the cache again. Off under DDP (the backbone would get no
-    gradients for DDP to reduce) and, with a reason logged, whenever a condition fails.
+    resumed inside the frozen phase reads the cache again. With ``bn: stats`` the BatchNorm
+    statistics are first estimated once over the train images (see
+    :meth:`_estimate_bn_statistics`; not the uncached numbers, which move every batch). Off under
+    DDP (the backbone would get no gradients for DDP to reduce) and, with a reason logged,
+    whenever a condition fails.
 
     Args:
         unfreeze_at_epoch: unfreeze all groups at this epoch.
@@ -233,8 +236,8 @@ class GradualUnfreezing(Callback):
             return "cache_frozen=False"
         if self.phase(0) > 0:
             return "nothing is frozen at epoch 0"
-        if self.bn != BNPolicy.EVAL:
-            return f"bn={self.bn.value} lets frozen layers change (only bn=eval is exact)"
+        if self.bn not in (BNPolicy.EVAL, BNPolicy.STATS):
+            return f"bn={self.bn.value} trains frozen BatchNorm layers (eval and stats can be cached)"
         if self.ddp_safe or isinstance(trainer.strategy, DDPStrategy):
             return "DDP expects gradients for the backbone"
         datamodule = getattr(trainer, "datamodule", None)
@@ -261,6 +264,8 @@ class GradualUnfreezing(Callback):
         if on and any(d.features is None for d in self._switchable):
             from tl_lightning.modules.feature_extraction import cache_split
 
+            if self.bn == BNPolicy.STATS:
+                self._estimate_bn_statistics(trainer, pl_module, self._switchable[0].images)
             for dataset in self._switchable:
                 features = cache_split(pl_module, dataset.images, dataset.attr_name)
                 if len(features) != len(dataset.images):  # images that failed to load: rows shift
@@ -346,6 +351,51 @@ class GradualUnfreezing(Callback):
         # (no momentum, no weight decay). In ddp_safe mode this is what keeps frozen params fixed.
         for p in self._frozen_params:
             p.grad = None
+
+    @torch.no_grad()
+    def _estimate_bn_statistics(self, trainer: Trainer, pl_module: LightningModule, images) -> None:
+        """``bn: stats`` with a cache: every BatchNorm's statistics, estimated once over the train images.
+
+        Uncached, ``stats`` normalises each frozen-epoch batch by its own statistics while the
+        running ones drift toward the data; features that change every epoch cannot be cached. Here
+        one pass (batch statistics, ``momentum=None``: the running values become the average over
+        all batches, AdaBN's estimate) sets them, and the cached features use them in eval mode.
+        Not the uncached path's numbers, but the same intent: normalisation fitted to this data, so
+        the head sees the same kind of features before and after the unfreeze.
+        """
+        from torch.utils.data import DataLoader
+
+        from tl_lightning.data.folder import skip_failed_collate
+
+        backbone = self._backbone
+        bns = [m for m in backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        momenta = [m.momentum for m in bns]
+        device = trainer.strategy.root_device
+        datamodule = trainer.datamodule
+        batch = getattr(datamodule, "batch_size", None) or 64
+        was_training = backbone.training
+        backbone.eval()
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        # shuffled (own generator: the global RNG must not move) so batches mix the classes
+        loader = DataLoader(
+            images,
+            batch_size=batch,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(0),
+            collate_fn=skip_failed_collate,
+        )
+        backbone.to(device)
+        for items in loader:
+            if items:
+                with trainer.precision_plugin.forward_context():
+                    backbone(items[0].to(device))
+        for m, momentum in zip(bns, momenta, strict=True):
+            m.momentum = momentum
+        backbone.train(was_training)
+        pl_module.train(pl_module.training)  # the BN policy again
 
     # --- freezing -----------------------------------------------------------------------------
     def _apply_freezing(self, epoch: int) -> None:
