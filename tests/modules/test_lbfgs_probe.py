@@ -109,3 +109,34 @@ def test_lbfgs_needs_cached_features(tmp_path, monkeypatch):
     model = FeatureExtractionModule(num_classes=10, probe="lbfgs", probe_grid=GRID, **TINY)
     with pytest.raises(ValueError, match="augment: none"):
         quick_trainer(tmp_path).fit(model, tiny_digits(augment="basic"))
+
+
+def test_shipped_config_fits_and_checkpoints(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from tl_lightning.cli import run_cli
+
+    monkeypatch.setenv("TL_LIGHTNING_CACHE", str(tmp_path / "cache"))
+    config = Path(__file__).resolve().parents[2] / "configs" / "digits" / "linear_probe_lbfgs.yaml"
+    cli = run_cli(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--model.init_args.backbone=resnet18",
+            "--model.init_args.weights=null",
+            "--model.init_args.probe_grid=[0.01]",
+            "--data.init_args.image_size=32",
+            "--data.init_args.num_workers=0",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+    model = cli.model
+    assert model.probe_result is not None and model.probe_result.l2 == 0.01
+    ckpts = sorted(Path(tmp_path).rglob("*.ckpt"))
+    assert ckpts  # the CLI's checkpoint(s), written although no gradient step ran
+    for ckpt in ckpts:
+        loaded = FeatureExtractionModule.load_from_checkpoint(ckpt)
+        torch.testing.assert_close(loaded.head[-1].weight, model.head[-1].weight)
