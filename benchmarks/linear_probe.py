@@ -130,7 +130,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as cache:
         cold_s, cold_acc, features, result = run_ours_cold(cache, grid)
-        print(f"  ours cold: {cold_s:.2f} s, test acc {cold_acc:.4f}, l2 {result.l2:.3g}", flush=True)
+        print(
+            f"  ours cold: {cold_s:.2f} s, test acc {cold_acc:.4f}, l2 {result.l2:.3g}", flush=True
+        )
         (xtr, ytr), (xval, yval), (xte, yte) = features["train"], features["val"], features["test"]
     pass_s = backbone_pass_seconds()
     print(f"  one backbone pass over train + val: {pass_s:.2f} s", flush=True)
@@ -144,9 +146,24 @@ def main() -> None:
                 "test acc (%)",
             ],
             [
-                [f"seeds' loop, {seeds_epochs} epochs (AdamW 1e-3)", fmt(seeds_s), "1.0x", fmt(100 * seeds_acc, 1)],
-                ["ours: cold `probe: lbfgs` fit (cache + sweep + validate)", fmt(cold_s), f"**{seeds_s / cold_s:.1f}x**", fmt(100 * cold_acc, 2)],
-                ["ceiling: one backbone pass over train + val", fmt(pass_s), f"{seeds_s / pass_s:.1f}x", "-"],
+                [
+                    f"seeds' loop, {seeds_epochs} epochs (AdamW 1e-3)",
+                    fmt(seeds_s),
+                    "1.0x",
+                    fmt(100 * seeds_acc, 1),
+                ],
+                [
+                    "ours: cold `probe: lbfgs` fit (cache + sweep + validate)",
+                    fmt(cold_s),
+                    f"**{seeds_s / cold_s:.1f}x**",
+                    fmt(100 * cold_acc, 2),
+                ],
+                [
+                    "ceiling: one backbone pass over train + val",
+                    fmt(pass_s),
+                    f"{seeds_s / pass_s:.1f}x",
+                    "-",
+                ],
             ],
         )
 
@@ -155,19 +172,56 @@ def main() -> None:
     with timer() as t:
         ours = sweep_logistic_regression(t_tr, y_tr, t_val, y_val, 10, grid=grid)
     ours_test = float(((t_te @ ours.weight.T + ours.bias).argmax(1).numpy() == yte).mean())
-    rows = [["ours: torch L-BFGS (centred, warm-started)", fmt(t["s"]), "1.00x", f"{ours.l2:.0e}", fmt(100 * ours.val_acc, 2), fmt(100 * ours_test, 2), "-"]]
+    rows = [
+        [
+            "ours: torch L-BFGS (centred, warm-started)",
+            fmt(t["s"]),
+            "1.00x",
+            f"{ours.l2:.0e}",
+            fmt(100 * ours.val_acc, 2),
+            fmt(100 * ours_test, 2),
+            "-",
+        ]
+    ]
     mu = xtr.mean(0)
     for name, shift in (("raw", 0.0), ("centred", mu)):
         for warm in (False, True):
             s, (val_acc, l2, test_acc), unconverged = sklearn_sweep(
-                (xtr - shift).astype(np.float64), ytr, xval - shift, yval, xte - shift, yte, grid, warm
+                (xtr - shift).astype(np.float64),
+                ytr,
+                xval - shift,
+                yval,
+                xte - shift,
+                yte,
+                grid,
+                warm,
             )
             label = f"scikit-learn lbfgs, {name} features, {'warm' if warm else 'cold'} start"
             print(f"  {label}: {s:.2f} s", flush=True)
-            rows.append([label, fmt(s), f"{s / t['s']:.2f}x", f"{l2:.0e}", fmt(100 * val_acc, 2), fmt(100 * test_acc, 2), f"{unconverged}/{len(grid)}"])
-    print(f"Probe alone on the cached features ({len(ytr)} train x {xtr.shape[1]} dims, torch threads {threads}):\n")
+            rows.append(
+                [
+                    label,
+                    fmt(s),
+                    f"{s / t['s']:.2f}x",
+                    f"{l2:.0e}",
+                    fmt(100 * val_acc, 2),
+                    fmt(100 * test_acc, 2),
+                    f"{unconverged}/{len(grid)}",
+                ]
+            )
+    print(
+        f"Probe alone on the cached features ({len(ytr)} train x {xtr.shape[1]} dims, torch threads {threads}):\n"
+    )
     print_table(
-        ["probe", "sweep seconds", "time / ours", "chosen l2", "val acc (%)", "test acc (%)", "fits hitting max_iter"],
+        [
+            "probe",
+            "sweep seconds",
+            "time / ours",
+            "chosen l2",
+            "val acc (%)",
+            "test acc (%)",
+            "fits hitting max_iter",
+        ],
         rows,
     )
 

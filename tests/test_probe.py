@@ -16,7 +16,12 @@ TIGHT = 1e-8  # the default tol (scikit-learn's 1e-4) stops short of these tests
 def _blobs(n_per_class=20, dim=5, num_classes=3, spread=0.6, seed=0):
     g = torch.Generator().manual_seed(seed)
     centres = torch.randn(num_classes, dim, generator=g) * 3 + 2.0  # off-origin: the bias matters
-    x = torch.cat([centres[c] + spread * torch.randn(n_per_class, dim, generator=g) for c in range(num_classes)])
+    x = torch.cat(
+        [
+            centres[c] + spread * torch.randn(n_per_class, dim, generator=g)
+            for c in range(num_classes)
+        ]
+    )
     y = torch.arange(num_classes).repeat_interleave(n_per_class)
     return x.double(), y  # float64: products in float64 too, so tight tolerances are reachable
 
@@ -55,7 +60,9 @@ def test_same_minimiser_as_sklearn_with_c_equal_one_over_n_l2(l2):
     ref = _sklearn(x, y, l2)
     # multinomial logits are defined up to a shift shared by the classes; compare centred biases
     np.testing.assert_allclose(w.numpy(), ref.coef_, atol=2e-4, rtol=1e-3)
-    np.testing.assert_allclose((b - b.mean()).numpy(), ref.intercept_ - ref.intercept_.mean(), atol=2e-4)
+    np.testing.assert_allclose(
+        (b - b.mean()).numpy(), ref.intercept_ - ref.intercept_.mean(), atol=2e-4
+    )
 
 
 def test_gradient_is_zero_at_the_solution():
@@ -87,7 +94,9 @@ def test_sweep_picks_the_best_validation_strength_and_records_the_curve():
     grid = [1e-4, 1e-2, 1.0, 10.0]
     result = sweep_logistic_regression(x, y, xv, yv, num_classes=3, grid=grid)
     # independent: fit each strength cold with scikit-learn and score on validation
-    sk_acc = {l2: (_sklearn(x, y, l2).predict(xv.double().numpy()) == yv.numpy()).mean() for l2 in grid}
+    sk_acc = {
+        l2: (_sklearn(x, y, l2).predict(xv.double().numpy()) == yv.numpy()).mean() for l2 in grid
+    }
     curve = dict(result.curve)
     assert sorted(curve) == sorted(grid)
     for l2 in grid:
@@ -96,7 +105,9 @@ def test_sweep_picks_the_best_validation_strength_and_records_the_curve():
     assert curve[result.l2] == result.val_acc
     # ties go to the stronger regularisation
     assert result.l2 == max(l2 for l2, acc in result.curve if acc == result.val_acc)
-    chosen_acc = ((xv.float() @ result.weight.T + result.bias).argmax(1) == yv).float().mean().item()
+    chosen_acc = (
+        ((xv.float() @ result.weight.T + result.bias).argmax(1) == yv).float().mean().item()
+    )
     assert chosen_acc == pytest.approx(result.val_acc)
 
 
@@ -120,6 +131,8 @@ def test_warm_start_from_the_solution_stays_there():
     # must not move it
     x, y = _blobs(spread=2.0, seed=3)
     w, b = fit_logistic_regression(x, y, 3, l2=1e-2, tol=TIGHT)
-    again_w, again_b = fit_logistic_regression(x, y, 3, l2=1e-2, max_iter=1, weight=w, bias=b, tol=TIGHT)
+    again_w, again_b = fit_logistic_regression(
+        x, y, 3, l2=1e-2, max_iter=1, weight=w, bias=b, tol=TIGHT
+    )
     torch.testing.assert_close(again_w, w, atol=1e-4, rtol=0)
     torch.testing.assert_close(again_b, b, atol=1e-4, rtol=0)

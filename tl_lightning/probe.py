@@ -94,7 +94,11 @@ def fit_logistic_regression(
         y = labels.detach().to(x.device, torch.long)
         n, d = x.shape
         rows = torch.arange(n, device=x.device)
-        w = torch.zeros(num_classes, d, dtype=torch.float64, device=x.device) if weight is None else weight
+        w = (
+            torch.zeros(num_classes, d, dtype=torch.float64, device=x.device)
+            if weight is None
+            else weight
+        )
         b = torch.zeros(num_classes, dtype=torch.float64, device=x.device) if bias is None else bias
         w = w.detach().to(x.device, torch.float64, copy=True)
         b = b.detach().to(x.device, torch.float64) + w @ mu

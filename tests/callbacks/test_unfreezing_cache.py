@@ -43,7 +43,9 @@ def model() -> FineTuneModule:
     )
 
 
-def fit(tmp_path, epochs: int, cache: bool, callbacks=(), ckpt_path=None, bn="eval", batch=16, **kw):
+def fit(
+    tmp_path, epochs: int, cache: bool, callbacks=(), ckpt_path=None, bn="eval", batch=16, **kw
+):
     net = model()
     kinds = InputKinds()
     unfreeze = GradualUnfreezing(unfreeze_at_epoch=2, lr_ratio=0.1, cache_frozen=cache, bn=bn)
@@ -94,10 +96,14 @@ def test_frozen_phase_weights_match_after_two_epochs(tmp_path, monkeypatch):
 
 def test_resume_inside_the_cached_frozen_phase(tmp_path, monkeypatch):
     monkeypatch.setenv("TL_LIGHTNING_CACHE", str(tmp_path / "cache"))
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    ckpt = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}"
+    )
     reference, *_ = fit(tmp_path, 3, cache=True, callbacks=[ckpt])
     # epoch=0.ckpt: one frozen epoch done, the second (cached) one and the unfreeze still to come
-    resumed, kinds, _, _ = fit(tmp_path, 3, cache=True, ckpt_path=tmp_path / "ckpt" / "epoch=0.ckpt")
+    resumed, kinds, _, _ = fit(
+        tmp_path, 3, cache=True, ckpt_path=tmp_path / "ckpt" / "epoch=0.ckpt"
+    )
     assert kinds.ndim == {1: {2}, 2: {4}}
     for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
         if a.is_floating_point():
@@ -109,16 +115,28 @@ def test_no_cache_where_it_would_not_be_exact(tmp_path, monkeypatch):
     net = model()
     kinds = InputKinds()
     trainer = Trainer(
-        max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_train_batches=2, limit_val_batches=1,
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_train_batches=2,
+        limit_val_batches=1,
         callbacks=[GradualUnfreezing(unfreeze_at_epoch=2, bn="train"), kinds],
     )
     trainer.fit(net, datamodule=tiny_digits(batch_size=16))
     assert kinds.ndim == {0: {4}}
     kinds2 = InputKinds()
     trainer = Trainer(
-        max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_train_batches=2, limit_val_batches=1,
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_train_batches=2,
+        limit_val_batches=1,
         callbacks=[GradualUnfreezing(unfreeze_at_epoch=2), kinds2],
     )
     trainer.fit(model(), datamodule=tiny_digits(batch_size=16, augment="basic"))
@@ -130,7 +148,9 @@ def test_stats_policy_estimates_batchnorm_statistics_once_then_caches(tmp_path, 
     dm = tiny_digits()
     dm.setup("fit")
     n = len(dm.train_set)
-    batch = next(b for b in range(64, 1, -1) if n % b == 0)  # equal batches: mean of batch means = mean
+    batch = next(
+        b for b in range(64, 1, -1) if n % b == 0
+    )  # equal batches: mean of batch means = mean
     net, kinds, _, _ = fit(tmp_path, 1, cache=True, bn="stats", batch=batch)
     assert kinds.ndim == {0: {2}}
     # independent: the first BatchNorm's input is conv1(image); its statistics over all train images

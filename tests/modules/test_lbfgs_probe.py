@@ -28,7 +28,12 @@ def fitted(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("lbfgs")
     torch.manual_seed(0)
     model = FeatureExtractionModule(
-        num_classes=10, probe="lbfgs", probe_grid=GRID, probe_tol=TOL, cache_dir=str(tmp_path / "cache"), **TINY
+        num_classes=10,
+        probe="lbfgs",
+        probe_grid=GRID,
+        probe_tol=TOL,
+        cache_dir=str(tmp_path / "cache"),
+        **TINY,
     )
     dm = tiny_digits()
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/acc", mode="max")
@@ -65,7 +70,9 @@ def test_head_is_the_validation_best_lbfgs_fit_and_training_stops(fitted):
     head_b = model.head[-1].bias
     torch.testing.assert_close(head_b - head_b.mean(), b - b.mean(), atol=2e-3, rtol=2e-3)
     # Lightning's own validation of the stored head agrees with the sweep
-    assert trainer.callback_metrics["val/acc"].item() == pytest.approx(model.probe_result.val_acc, abs=1e-6)
+    assert trainer.callback_metrics["val/acc"].item() == pytest.approx(
+        model.probe_result.val_acc, abs=1e-6
+    )
 
 
 def test_checkpoint_predicts_with_the_solved_head(fitted):
@@ -91,7 +98,9 @@ def test_sweep_is_in_tensorboard(fitted):
     events = EventAccumulator(trainer.logger.log_dir, size_guidance={"images": 0}).Reload()
     curve = [(e.step, e.value) for e in events.Scalars("probe/val_acc")]
     assert [v for _, v in curve] == pytest.approx([acc for _, acc in model.probe_result.curve])
-    assert [v for _, v in sorted((e.step, e.value) for e in events.Scalars("probe/l2"))] == pytest.approx(GRID)
+    assert [
+        v for _, v in sorted((e.step, e.value) for e in events.Scalars("probe/l2"))
+    ] == pytest.approx(GRID)
     assert "probe/val_acc_vs_l2" in events.Tags()["images"]
 
 

@@ -237,7 +237,9 @@ class GradualUnfreezing(Callback):
         if self.phase(0) > 0:
             return "nothing is frozen at epoch 0"
         if self.bn not in (BNPolicy.EVAL, BNPolicy.STATS):
-            return f"bn={self.bn.value} trains frozen BatchNorm layers (eval and stats can be cached)"
+            return (
+                f"bn={self.bn.value} trains frozen BatchNorm layers (eval and stats can be cached)"
+            )
         if self.ddp_safe or isinstance(trainer.strategy, DDPStrategy):
             return "DDP expects gradients for the backbone"
         datamodule = getattr(trainer, "datamodule", None)
@@ -249,7 +251,8 @@ class GradualUnfreezing(Callback):
         stochastic = [
             name
             for name, m in self._backbone.named_modules()
-            if any(k in type(m).__name__ for k in ("Drop", "Stochastic")) and float(getattr(m, "p", 0) or 0) > 0
+            if any(k in type(m).__name__ for k in ("Drop", "Stochastic"))
+            and float(getattr(m, "p", 0) or 0) > 0
             or float(getattr(m, "drop_prob", 0.0) or 0.0) > 0
         ]
         if stochastic:
@@ -368,7 +371,9 @@ class GradualUnfreezing(Callback):
         from tl_lightning.data.folder import skip_failed_collate
 
         backbone = self._backbone
-        bns = [m for m in backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        bns = [
+            m for m in backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        ]
         momenta = [m.momentum for m in bns]
         device = trainer.strategy.root_device
         datamodule = trainer.datamodule
@@ -616,7 +621,9 @@ class FrozenPhaseDataset(Dataset):
         return len(self.images)
 
     def _source(self) -> Dataset:
-        return self.features if self.features is not None and bool(self.use_features) else self.images
+        return (
+            self.features if self.features is not None and bool(self.use_features) else self.images
+        )
 
     def __getitem__(self, index: int):
         return self._source()[index]

@@ -114,7 +114,9 @@ class FeatureExtractionModule(ClassifierModule):
         if self.hparams.probe == "lbfgs":
             # L-BFGS solves the head in on_train_start; this lr-0 optimizer only records that solve
             # as the run's one optimizer step (checkpoints are not written at global step 0)
-            return torch.optim.SGD([{"name": "head", "params": list(self.head.parameters())}], lr=0.0)
+            return torch.optim.SGD(
+                [{"name": "head", "params": list(self.head.parameters())}], lr=0.0
+            )
         return super().configure_optimizers()
 
     # --- the L-BFGS probe ----------------------------------------------------------------------
@@ -132,7 +134,9 @@ class FeatureExtractionModule(ClassifierModule):
         if hp.probe_grid is not None and (not hp.probe_grid or min(hp.probe_grid) <= 0):
             problems.append(f"probe_grid: {hp.probe_grid} (non-empty, every l2 > 0)")
         if problems:
-            raise ValueError("probe: lbfgs fits a plain linear logistic regression; " + "; ".join(problems))
+            raise ValueError(
+                "probe: lbfgs fits a plain linear logistic regression; " + "; ".join(problems)
+            )
 
     def _split_tensors(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         dataset = getattr(self.trainer.datamodule, split, None) if self.trainer.datamodule else None
