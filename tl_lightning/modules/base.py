@@ -179,7 +179,9 @@ class ClassifierModule(TransferModule):
 
     # --- network -------------------------------------------------------------------------------
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled backbone features ``[B, D]``."""
+        """Pooled backbone features ``[B, D]``; a 2-D ``x`` already is (a feature cache's batch)."""
+        if x.ndim == 2:
+            return x
         if self.hparams.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.backbone(x)
