@@ -23,6 +23,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.filterwarnings("ignore:`ModelCheckpoint\\(monitor='val/acc'\\)` could not find")
 def test_gradual_seeds_recipe_unfreezes_the_last_block_then_everything(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli = run_cli(
