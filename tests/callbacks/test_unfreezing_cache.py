@@ -123,6 +123,8 @@ def test_no_cache_where_it_would_not_be_exact(tmp_path, monkeypatch):
         num_sanity_val_steps=0,
         limit_train_batches=2,
         limit_val_batches=1,
+        default_root_dir=tmp_path,
+        enable_checkpointing=False,
         callbacks=[GradualUnfreezing(unfreeze_at_epoch=2, bn="train"), kinds],
     )
     trainer.fit(net, datamodule=tiny_digits(batch_size=16))
@@ -137,6 +139,8 @@ def test_no_cache_where_it_would_not_be_exact(tmp_path, monkeypatch):
         num_sanity_val_steps=0,
         limit_train_batches=2,
         limit_val_batches=1,
+        default_root_dir=tmp_path,
+        enable_checkpointing=False,
         callbacks=[GradualUnfreezing(unfreeze_at_epoch=2), kinds2],
     )
     trainer.fit(model(), datamodule=tiny_digits(batch_size=16, augment="basic"))
