@@ -44,7 +44,15 @@ def model() -> FineTuneModule:
 
 
 def fit(
-    tmp_path, epochs: int, cache: bool, callbacks=(), ckpt_path=None, bn="eval", batch=16, **kw
+    tmp_path,
+    epochs: int,
+    cache: bool,
+    callbacks=(),
+    ckpt_path=None,
+    bn="eval",
+    batch=16,
+    workers=0,
+    **kw,
 ):
     net = model()
     kinds = InputKinds()
@@ -62,7 +70,7 @@ def fit(
         callbacks=[unfreeze, kinds, *callbacks],
         **kw,
     )
-    dm = tiny_digits(batch_size=batch)
+    dm = tiny_digits(batch_size=batch, num_workers=workers)
     trainer.fit(net, datamodule=dm, ckpt_path=ckpt_path)
     return net, kinds, trainer, dm
 
@@ -123,6 +131,8 @@ def test_no_cache_where_it_would_not_be_exact(tmp_path, monkeypatch):
         num_sanity_val_steps=0,
         limit_train_batches=2,
         limit_val_batches=1,
+        default_root_dir=tmp_path,
+        enable_checkpointing=False,
         callbacks=[GradualUnfreezing(unfreeze_at_epoch=2, bn="train"), kinds],
     )
     trainer.fit(net, datamodule=tiny_digits(batch_size=16))
@@ -137,6 +147,8 @@ def test_no_cache_where_it_would_not_be_exact(tmp_path, monkeypatch):
         num_sanity_val_steps=0,
         limit_train_batches=2,
         limit_val_batches=1,
+        default_root_dir=tmp_path,
+        enable_checkpointing=False,
         callbacks=[GradualUnfreezing(unfreeze_at_epoch=2), kinds2],
     )
     trainer.fit(model(), datamodule=tiny_digits(batch_size=16, augment="basic"))
@@ -165,3 +177,10 @@ def test_stats_policy_estimates_batchnorm_statistics_once_then_caches(tmp_path, 
     # the average of per-batch variances: the full variance less the spread of the batch means
     torch.testing.assert_close(bn1.running_var, var, rtol=0.05, atol=1e-4)
     assert not torch.allclose(fresh.backbone.body.bn1.running_mean, mean, atol=1e-2)  # it moved
+
+
+def test_persistent_workers_see_the_switch(tmp_path, monkeypatch):
+    # worker processes live across epochs: the flag they read must be shared memory
+    monkeypatch.setenv("TL_LIGHTNING_CACHE", str(tmp_path / "cache"))
+    _, kinds, *_ = fit(tmp_path, 3, cache=True, workers=2)
+    assert kinds.ndim == {0: {2}, 1: {2}, 2: {4}}
