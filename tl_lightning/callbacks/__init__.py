@@ -14,6 +14,7 @@ from tl_lightning.callbacks.rng_state import RNGStateCheckpoint
 from tl_lightning.callbacks.skipped_images import SkippedImagesReport
 from tl_lightning.callbacks.unfreezing import GradualUnfreezing
 from tl_lightning.callbacks.visuals import TensorBoardVisuals
+from tl_lightning.callbacks.wise_ft import WiseFT
 
 __all__ = [
     "CSVPredictionWriter",
@@ -31,4 +32,5 @@ __all__ = [
     "ResumableModelCheckpoint",
     "SkippedImagesReport",
     "TensorBoardVisuals",
+    "WiseFT",
 ]
