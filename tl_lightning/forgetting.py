@@ -116,7 +116,7 @@ def default_reference_images(num_images: int = 64, image_size: int = 224, seed: 
     Crops cover 10-100% of a photo's area with aspect ratio 3/4-4/3 (RandomResizedCrop's range), so
     the set holds whole scenes and close-ups; the same ``seed`` always gives the same images.
     """
-    pics = [torch.from_numpy(np.ascontiguousarray(p)).permute(2, 0, 1) for p in _photos()]
+    pics = [torch.from_numpy(np.array(p)).permute(2, 0, 1) for p in _photos()]
     rng = np.random.default_rng(seed)
     out = torch.empty(num_images, 3, image_size, image_size, dtype=torch.uint8)
     for i in range(num_images):
