@@ -22,7 +22,14 @@ import statistics
 import time
 
 import torch
-from _common import add_threads_arg, apply_threads, mean_std, print_header, print_table, quiet_lightning
+from _common import (
+    add_threads_arg,
+    apply_threads,
+    mean_std,
+    print_header,
+    print_table,
+    quiet_lightning,
+)
 from lightning.pytorch import Callback, Trainer, seed_everything
 
 from tl_lightning.data import DigitsDataModule, DigitsMDataModule
@@ -36,8 +43,13 @@ METHODS = {  # paper defaults (see tl_lightning/regularizers.py); track_forgetti
     "LP-FT": {"init_head": "probe"},
     "L2-SP": {"l2sp_alpha": 0.1, "l2sp_beta": 0.01},
     "LwF": {"lwf_alpha": 1.0, "lwf_temperature": 2.0},
+    # the same with the pretrained BatchNorm statistics kept (see README: what the regularisers miss)
+    "plain FT, BN kept": {"track_forgetting": True, "keep_bn_statistics": True},
+    "L2-SP, BN kept": {"l2sp_alpha": 0.1, "l2sp_beta": 0.01, "keep_bn_statistics": True},
+    "LwF, BN kept": {"lwf_alpha": 1.0, "lwf_temperature": 2.0, "keep_bn_statistics": True},
 }
-ROWS = ("plain FT", "LP", "LP-FT", "L2-SP", "LwF", "WiSE-FT")
+DEFAULT_METHODS = ["plain FT", "LP-FT", "L2-SP", "LwF"]
+ORDER = ("plain FT", "LP", "LP-FT", "L2-SP", "LwF", "WiSE-FT", "plain FT, BN kept", "L2-SP, BN kept", "LwF, BN kept")
 
 
 class ProbeTime(Callback):
@@ -66,7 +78,8 @@ def run_seed(seed: int, args, reference: ReferenceSet) -> dict[str, dict]:
     id_loader, ood_loader = dm.test_dataloader(), ood.test_dataloader()
     assert torch.equal(torch.as_tensor(dm.test_set.labels), torch.as_tensor(ood.test_set.labels))
     rows: dict[str, dict] = {}
-    for name, extra in METHODS.items():
+    for name in args.methods:
+        extra = METHODS[name]
         seed_everything(seed, workers=True)
         model = FineTuneModule(
             num_classes=10,
@@ -115,6 +128,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--reference-images", type=int, default=64)
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
     parser.add_argument("--json", default=None, help="also write every number to this file")
     parser.add_argument("--plot", default=None, help="write accuracy-vs-source-agreement plot (PNG) here")
     add_threads_arg(parser)
@@ -125,12 +139,13 @@ def main() -> None:
     lite0 = FineTuneModule(num_classes=10).backbone.data_config
     reference = ReferenceSet.default(lite0, args.reference_images)
     results = {seed: run_seed(seed, args, reference) for seed in args.seeds}
+    rows = [r for r in ORDER if r in results[args.seeds[0]]]
 
     def col(row, key):
         return [results[s][row][key] for s in args.seeds]
 
     table = []
-    for row in ROWS:
+    for row in rows:
         table.append(
             [
                 row,
@@ -144,25 +159,34 @@ def main() -> None:
     print(f"mean +- std over seeds {args.seeds}; {args.epochs} epochs at {args.image_size} px\n")
     print_table(["method", "ID test acc", "OOD (digits-M) acc", "source agreement", "CKA drift", "seconds"], table)
     per_seed = [
-        [s, *(f"{results[s][r]['id']:.3f} / {results[s][r]['ood']:.3f} / {results[s][r]['source_agreement']:.2f}" for r in ROWS)]
+        [s, *(f"{results[s][r]['id']:.3f} / {results[s][r]['ood']:.3f} / {results[s][r]['source_agreement']:.2f}" for r in rows)]
         for s in args.seeds
     ]
     print("per seed: ID / OOD / source agreement\n")
-    print_table(["seed", *ROWS], per_seed)
-    print("WiSE-FT a chosen on ID val per seed: " + ", ".join(f"{results[s]['WiSE-FT']['a']:g}" for s in args.seeds) + "\n")
-    print("WiSE-FT path (seed mean; a chosen on ID val, OOD shown for the analysis only)\n")
-    grid = [r["a"] for r in results[args.seeds[0]]["WiSE-FT"]["curve"]]
-    path = []
-    for i, a in enumerate(grid):
-        curves = [results[s]["WiSE-FT"]["curve"][i] for s in args.seeds]
-        path.append([f"{a:g}", *(f"{statistics.mean(c[k] for c in curves):.3f}" for k in ("val_acc", "source_agreement", "cka_drift"))])
-    print_table(["a", "ID val acc", "source agreement", "CKA drift"], path)
-    targets(results, args.seeds)
+    print_table(["seed", *rows], per_seed)
+    if "WiSE-FT" in rows:
+        wise_path(results, args.seeds)
+    if all(r in rows for r in ("plain FT", "LP-FT", "L2-SP", "LwF", "WiSE-FT")):
+        targets(results, args.seeds)
+    agree = [results[s][r]["source_agreement"] for s in args.seeds for r in rows]
+    ood = [results[s][r]["ood"] for s in args.seeds for r in rows]
+    print(f"correlation over all rows and seeds, source agreement vs OOD accuracy: {_pearson(agree, ood):+.2f}\n")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({str(s): r for s, r in results.items()}, f, indent=1)
     if args.plot:
-        plot(results, args.seeds, args.plot)
+        plot(results, args.seeds, rows, args.plot)
+
+
+def wise_path(results, seeds) -> None:
+    print("WiSE-FT a chosen on ID val per seed: " + ", ".join(f"{results[s]['WiSE-FT']['a']:g}" for s in seeds) + "\n")
+    print("WiSE-FT path (seed mean; a chosen on ID val, OOD shown for the analysis only)\n")
+    grid = [r["a"] for r in results[seeds[0]]["WiSE-FT"]["curve"]]
+    path = []
+    for i, a in enumerate(grid):
+        curves = [results[s]["WiSE-FT"]["curve"][i] for s in seeds]
+        path.append([f"{a:g}", *(f"{statistics.mean(c[k] for c in curves):.3f}" for k in ("val_acc", "source_agreement", "cka_drift"))])
+    print_table(["a", "ID val acc", "source agreement", "CKA drift"], path)
 
 
 def targets(results, seeds) -> None:
@@ -179,9 +203,6 @@ def targets(results, seeds) -> None:
         ("WiSE-FT OOD > plain FT OOD", mean("WiSE-FT", "ood") > mean("plain FT", "ood")),
     ]
     print_table(["target", "met"], [[t, "yes" if ok else "**no**"] for t, ok in lines])
-    agree = [results[s][r]["source_agreement"] for s in seeds for r in ROWS]
-    ood = [results[s][r]["ood"] for s in seeds for r in ROWS]
-    print(f"correlation over all rows and seeds, source agreement vs OOD accuracy: {_pearson(agree, ood):+.2f}\n")
 
 
 def _at_least_twice(x: float, base: float) -> bool:
@@ -194,14 +215,14 @@ def _pearson(x, y) -> float:
     return sum((a - mx) * (b - my) for a, b in zip(x, y)) / max(sx * sy, 1e-12)
 
 
-def plot(results, seeds, path) -> None:
+def plot(results, seeds, rows, path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for row in ROWS:
+    for row in rows:
         for ax, key in zip(axes, ("id", "ood")):
             xs = [results[s][row]["source_agreement"] for s in seeds]
             ys = [results[s][row][key] for s in seeds]

@@ -20,7 +20,7 @@ def _fine_tuned_model():
     with torch.no_grad():  # stands for fine-tuning: every weight and BN statistic moves
         for t in [*model.backbone.parameters(), *model.head.parameters()]:
             t.add_(0.05 * torch.randn_like(t))
-        for name, b in model.backbone.named_buffers():
+        for b in model.backbone.buffers():
             if b.is_floating_point():
                 b.mul_(1.5)
     return model.eval()

@@ -3,8 +3,8 @@
 from tl_lightning.callbacks.confusion_figure import ConfusionMatrixFigure
 from tl_lightning.callbacks.embedding_projector import EmbeddingProjector
 from tl_lightning.callbacks.episode_histogram import EpisodeAccuracyHistogram
-from tl_lightning.callbacks.forgetting import ForgettingMonitor
 from tl_lightning.callbacks.finite_loss import FiniteLossCheck, NonFiniteLossError
+from tl_lightning.callbacks.forgetting import ForgettingMonitor
 from tl_lightning.callbacks.hparams_metrics import HParamsMetrics
 from tl_lightning.callbacks.lr_monitor import LRMonitor
 from tl_lightning.callbacks.prediction_grid import PredictionGrid
