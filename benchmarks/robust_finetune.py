@@ -47,9 +47,10 @@ METHODS = {  # paper defaults (see tl_lightning/regularizers.py); track_forgetti
     "plain FT, BN kept": {"track_forgetting": True, "keep_bn_statistics": True},
     "L2-SP, BN kept": {"l2sp_alpha": 0.1, "l2sp_beta": 0.01, "keep_bn_statistics": True},
     "LwF, BN kept": {"lwf_alpha": 1.0, "lwf_temperature": 2.0, "keep_bn_statistics": True},
+    "LP-FT, BN kept": {"init_head": "probe", "keep_bn_statistics": True},
 }
 DEFAULT_METHODS = ["plain FT", "LP-FT", "L2-SP", "LwF"]
-ORDER = ("plain FT", "LP", "LP-FT", "L2-SP", "LwF", "WiSE-FT", "plain FT, BN kept", "L2-SP, BN kept", "LwF, BN kept")
+ORDER = ("plain FT", "LP", "LP-FT", "L2-SP", "LwF", "WiSE-FT", "plain FT, BN kept", "LP-FT, BN kept", "L2-SP, BN kept", "LwF, BN kept", "WiSE-FT, BN kept")
 
 
 class ProbeTime(Callback):
@@ -78,6 +79,7 @@ def run_seed(seed: int, args, reference: ReferenceSet) -> dict[str, dict]:
     id_loader, ood_loader = dm.test_dataloader(), ood.test_dataloader()
     assert torch.equal(torch.as_tensor(dm.test_set.labels), torch.as_tensor(ood.test_set.labels))
     rows: dict[str, dict] = {}
+    printed: set[str] = set()
     for name in args.methods:
         extra = METHODS[name]
         seed_everything(seed, workers=True)
@@ -106,17 +108,20 @@ def run_seed(seed: int, args, reference: ReferenceSet) -> dict[str, dict]:
         trainer.fit(model, dm)
         seconds = time.perf_counter() - t0
         model.eval()
-        if name == "LP-FT":  # the probe alone (LP): the starting backbone with the probe's head
-            rows["LP"] = evaluate(model.start.backbone, model.start.head, id_loader, ood_loader, reference, model.start)
-            rows["LP"]["seconds"] = probe_time.s
+        suffix = name.removeprefix("LP-FT")  # LP-FT rows: "" or ", BN kept"
+        if name.startswith("LP-FT"):  # the probe alone (LP): the starting backbone with the probe's head
+            rows["LP" + suffix] = evaluate(model.start.backbone, model.start.head, id_loader, ood_loader, reference, model.start)
+            rows["LP" + suffix]["seconds"] = probe_time.s
         rows[name] = evaluate(model.backbone, model.head, id_loader, ood_loader, reference, model.start)
         rows[name]["seconds"] = seconds
-        if name == "LP-FT":
+        if name.startswith("LP-FT"):
             t1 = time.perf_counter()
             result = wise_ft(model, dm.val_dataloader(), reference=reference)  # a chosen on ID val only
-            rows["WiSE-FT"] = evaluate(model.backbone, model.head, id_loader, ood_loader, reference, model.start)
-            rows["WiSE-FT"].update(seconds=seconds + time.perf_counter() - t1, a=result.a, curve=result.curve)
-        print(f"seed {seed} {name}: " + json.dumps({k: v for k, v in rows[name].items() if k != "curve"}), flush=True)
+            rows["WiSE-FT" + suffix] = evaluate(model.backbone, model.head, id_loader, ood_loader, reference, model.start)
+            rows["WiSE-FT" + suffix].update(seconds=seconds + time.perf_counter() - t1, a=result.a, curve=result.curve)
+        for key in [k for k in rows if k not in printed]:
+            printed.add(key)
+            print(f"seed {seed} {key}: " + json.dumps({k: v for k, v in rows[key].items() if k != "curve"}), flush=True)
     # for the README: OOD accuracy along WiSE-FT's path (evaluation only, a is not chosen with it)
     return rows
 

@@ -75,3 +75,13 @@ def test_callback_saves_the_chosen_checkpoint(tmp_path):
         torch.testing.assert_close(loaded.head.state_dict()[k], v)
     for k, v in model.start.state_dict().items():  # the starting point travels with the checkpoint
         torch.testing.assert_close(loaded.start.state_dict()[k], v)
+
+
+def test_ties_go_to_the_smallest_a():
+    model = _fine_tuned_model()
+    x = torch.randn(8, 3, 32, 32)
+    loader = DataLoader(TensorDataset(x, torch.zeros(8, dtype=torch.long)), batch_size=4)
+    # a = 1e-6 and a = 0 predict the same classes: the tie goes to the start side
+    result = wise_ft(model, loader, grid=[1e-6, 0.0])
+    assert result.curve[0]["val_acc"] == result.curve[1]["val_acc"]
+    assert result.a == 0.0
