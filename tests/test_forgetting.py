@@ -92,3 +92,15 @@ def test_monitor_logs_the_measures_at_validation(tmp_path):
     assert 0.0 <= float(metrics["val/source_agreement"]) <= 1.0
     assert 0.0 <= float(metrics["val/cka_drift"]) <= 1.0
     assert model.start is not None and model.start.source_head is not None
+
+
+def test_keep_bn_statistics_keeps_the_pretrained_running_statistics_in_training():
+    moved = {}
+    for keep in (False, True):
+        m = FineTuneModule(num_classes=3, backbone="resnet18", weights=None, keep_bn_statistics=keep, channels_last=False)
+        before = m.backbone.body.bn1.running_mean.clone()
+        m.train()
+        m(torch.randn(4, 3, 32, 32) + 3)
+        moved[keep] = not torch.equal(before, m.backbone.body.bn1.running_mean)
+        assert m.backbone.body.bn1.weight.requires_grad  # affine weights still train
+    assert moved == {False: True, True: False}
