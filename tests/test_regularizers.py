@@ -81,7 +81,7 @@ def test_training_step_adds_each_term_with_its_formula(regularised_model):
     total.backward()  # every term reaches the weights, LwF through the current features
     for (name, p), p_ref in zip(model.named_parameters(), ref.parameters()):
         if p.requires_grad:
-            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-2, atol=1e-5, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-2, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_lwf_needs_a_source_classifier():

@@ -165,7 +165,7 @@ def load_reference_folder(
     images = []
     for f, _ in items:
         with Image.open(f) as im:
-            pic = torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1).float()
+            pic = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).float()
         h, w = pic.shape[1:]
         scale = resize / min(h, w)
         pic = F.interpolate(pic[None], size=(max(resize, round(h * scale)), max(resize, round(w * scale))), mode="bilinear", antialias=True)[0]
