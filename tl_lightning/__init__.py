@@ -36,6 +36,8 @@ _EXPORTS = {
     "SkippedImagesReport": "tl_lightning.callbacks",
     "CSVPredictionWriter": "tl_lightning.callbacks",
     "GradualUnfreezing": "tl_lightning.callbacks",
+    "ForgettingMonitor": "tl_lightning.callbacks",
+    "WiseFT": "tl_lightning.callbacks",
     "TensorBoardVisuals": "tl_lightning.callbacks",
     "CIFAR10DataModule": "tl_lightning.data",
     "Flowers102DataModule": "tl_lightning.data",
