@@ -22,7 +22,13 @@ from tl_lightning.advisor.distance import (
     kfold_knn_accuracy,
     kfold_probe_accuracy,
 )
-from tl_lightning.advisor.rule import STRATEGIES, Evidence, Recommendation, recommend
+from tl_lightning.advisor.rule import (
+    STRATEGIES,
+    Evidence,
+    Recommendation,
+    advised_batch_size,
+    recommend,
+)
 from tl_lightning.advisor.timing import Timing, measure_timing, steps_per_epoch
 from tl_lightning.backbones import build_backbone
 from tl_lightning.feature_cache import cache_key, cached_features, dataset_fingerprint
@@ -100,20 +106,24 @@ def embed_train_split(backbone, datamodule, precision: str, device: torch.device
     return torch.from_numpy(np.array(cache.features, dtype=np.float32)), torch.from_numpy(cache.labels)
 
 
-def _train_batches(datamodule, n: int) -> tuple[list, float]:
-    """The first ``n`` training batches and the median seconds it took to fetch one."""
-    batches, times = [], []
+def _train_batches(datamodule, n: int, batch_size: int) -> tuple[list, float]:
+    """``n`` training batches of ``batch_size`` and the median seconds to fetch one.
+
+    Batches come from the datamodule's own loader (decoding included), re-cut to the advised
+    batch size: steps are timed at the size the advised run will use.
+    """
+    chunks, times = [], []
     loader = iter(datamodule.train_dataloader())
-    for _ in range(n):
+    while len(chunks) < n:
         start = time.perf_counter()
         try:
             batch = next(loader)
         except StopIteration:
             break
-        times.append(time.perf_counter() - start)
-        batches.append((batch[0], batch[1]))
+        times.append((time.perf_counter() - start) * batch_size / len(batch[0]))
+        chunks += list(zip(batch[0].split(batch_size), batch[1].split(batch_size), strict=True))
     times = sorted(times[1:] or times)  # the first fetch starts the workers
-    return batches, times[len(times) // 2]
+    return chunks[:n], times[len(times) // 2]
 
 
 def advise(
@@ -164,7 +174,8 @@ def advise(
     fe_precision = mixed_precision_for(device)  # what `precision: mixed` gives a feature extraction
     features, labels = embed_train_split(backbone, datamodule, fe_precision, device, cache_dir)
     k = choose_folds(labels.numpy(), folds)
-    batches, load = _train_batches(datamodule, max(2, timing_batches))
+    batch_size = advised_batch_size(description.num_train, datamodule.batch_size)
+    batches, load = _train_batches(datamodule, max(2, timing_batches), batch_size)
     with _forward_context(fe_precision, device)():
         shift = batchnorm_shift(backbone.to(device), [x.to(device) for x, _ in batches[:BN_BATCHES]])
     distance = Distance(
@@ -179,8 +190,8 @@ def advise(
         backbone,
         batches,
         datamodule.num_classes,
-        train_steps=steps_per_epoch(description.num_train, datamodule.batch_size, drop_last=True),
-        val_steps=steps_per_epoch(description.splits.get("val", 0), datamodule.batch_size, False),
+        train_steps=steps_per_epoch(description.num_train, batch_size, drop_last=True),
+        val_steps=steps_per_epoch(description.splits.get("val", 0), batch_size, False),
         precision=train_precision,
         device=device,
         load=load,

@@ -47,9 +47,21 @@ def load_config(paths: list[str], overrides: list[str]) -> dict:
     return config
 
 
+def instantiate_section(base: type, section: dict):
+    """The object a ``{class_path, init_args}`` config section describes (a subclass of ``base``),
+    built by jsonargparse as the CLI builds it."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(base, "x")
+    parsed = parser.parse_object({"x": section})
+    # jsonargparse >= 4.49 renamed instantiate_classes (deprecated) to instantiate
+    build = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    return build(parsed).x
+
+
 def build_datamodule(config: dict):
     """The configured datamodule, with the model's backbone/weights (the CLI's link) applied."""
-    from jsonargparse import ArgumentParser
     from lightning.pytorch import LightningDataModule
 
     data = copy.deepcopy(config["data"])
@@ -58,10 +70,7 @@ def build_datamodule(config: dict):
     for key in LINKED:
         if key in model_args:
             data["init_args"][key] = model_args[key]
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(LightningDataModule, "data")
-    parsed = parser.parse_object({"data": data})
-    return parser.instantiate_classes(parsed).data
+    return instantiate_section(LightningDataModule, data)
 
 
 def format_advice(advice: Advice) -> str:

@@ -169,6 +169,18 @@ def recommend(e: Evidence) -> Recommendation:
                     f"({'all at once: the data are far' if far else 'gradually: keep the near features first'})",
                 )
             )
+    return settings_for(strategy, e, reasons)
+
+
+def settings_for(
+    strategy: str, e: Evidence, reasons: list[tuple[str, str, str]] | None = None
+) -> Recommendation:
+    """Everything but the strategy, for ``strategy`` under evidence ``e``: epochs fitted to the
+    budget, BN policy, batch size, precision and LR (also used to run every strategy fairly in
+    benchmarks/advise.py)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy '{strategy}'; valid: {list(STRATEGIES)}")
+    reasons = list(reasons or [])
     if strategy == "feature_extraction":
         epochs = FE_EPOCHS
     else:
@@ -183,14 +195,13 @@ def recommend(e: Evidence) -> Recommendation:
     )
     # bf16 autocast trains EfficientNets slower on CPUs (BENCHMARKS.md); frozen forward passes gain
     trains_backbone = strategy != "feature_extraction"
-    precision = "32-true" if trains_backbone and e.device == "cpu" else "mixed"
     return Recommendation(
         strategy=strategy,
         train_groups=last_groups_count(e.num_groups) if strategy == "last_groups" else None,
-        bn="stats" if bn_far else "eval",
+        bn="stats" if e.bn_shift >= BN_FAR else "eval",
         epochs=epochs,
         batch_size=advised_batch_size(e.num_train, e.batch_size),
-        precision=precision,
+        precision="32-true" if trains_backbone and e.device == "cpu" else "mixed",
         lr=e.lr if e.lr is not None else DEFAULT_LR[strategy],
         reasons=reasons,
     )
