@@ -96,6 +96,23 @@ def run_strategy(strategy, evidence, dataset, fraction, image_size, cache_dir) -
     return float(acc), seconds, rec.epochs
 
 
+def advice_breakdown(args) -> None:
+    """Seconds of each part of the advice (cold feature cache), per setting."""
+    from tl_lightning.advisor import advise
+
+    rows = []
+    for dataset in args.datasets:
+        for fraction in args.fractions:
+            with tempfile.TemporaryDirectory() as tmp:
+                dm = subset_datamodule(dataset, fraction, args.image_size)
+                a = advise(dm, budget_minutes=args.budget / 60, out=None, cache_dir=tmp)
+            rows.append([f"{dataset} {fraction:.0%} (n={a.description.num_train})", f"{a.seconds:.1f}"]
+                        + [f"{s:.1f}" for s in a.phases.values()])
+            names = list(a.phases)
+    print("Where the advice time goes (seconds, cold feature cache):\n")
+    print_table(["setting", "total", *names], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--budget", type=float, default=60.0, help="training seconds per strategy")
@@ -103,6 +120,7 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=["digits", "digits_m"])
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.1, 0.3, 1.0])
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--advice-only", action="store_true", help="only where the advice time goes")
     args = parser.parse_args()
     apply_threads(args.threads)
     quiet_lightning()
@@ -110,6 +128,8 @@ def main() -> None:
     from tl_lightning.advisor.rule import STRATEGIES
 
     print_header(f"advise vs every strategy ({args.budget:.0f} s budget each, {args.image_size} px)")
+    if args.advice_only:
+        return advice_breakdown(args)
     rows, measures = [], []
     hits = not_worse = fast = 0
     for dataset in args.datasets:

@@ -34,6 +34,14 @@ def test_separable_classes_score_one_and_shuffled_labels_score_near_chance():
     assert kfold_knn_accuracy(x, shuffled, 3, folds=5) < 0.6
 
 
+def test_probe_is_scored_on_held_out_folds_only():
+    # random labels on 64-d random features: a probe memorises its training folds (train accuracy
+    # near 1) but can only guess on a held-out fold (chance 1/3)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 64, generator=g), torch.randint(0, 3, (60,), generator=g)
+    assert kfold_probe_accuracy(x, y, 3, folds=3) < 0.6
+
+
 def test_knn_is_held_out_and_matches_an_explicit_loop():
     x = torch.tensor([[1.0, 0.0], [0.99, 0.1], [-1.0, 0.0], [-0.99, 0.1]])
     # each fold holds one point per class; a held-out point's same-class partner is in the

@@ -52,6 +52,7 @@ class Advice:
     config: dict
     config_path: Path | None
     seconds: float  # wall time of the whole advice
+    phases: dict[str, float]  # seconds of each part: data, embedding, probe, knn, bn, timing, rest
 
 
 def data_section(datamodule) -> dict:
@@ -159,6 +160,14 @@ def advise(
         'full_finetune'
     """
     start = time.perf_counter()
+    phases: dict[str, float] = {}
+    mark = [start]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        phases[name] = phases.get(name, 0.0) + now - mark[0]
+        mark[0] = now
+
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     datamodule.prepare_data()  # a broken folder fails here, exactly as in `fit`
     datamodule.setup("fit")
@@ -170,20 +179,22 @@ def advise(
     description = describe_data(datamodule)
     hp = datamodule.hparams
     backbone = build_backbone(hp.backbone, weights=hp.weights)
+    lap("data")
 
     fe_precision = mixed_precision_for(device)  # what `precision: mixed` gives a feature extraction
     features, labels = embed_train_split(backbone, datamodule, fe_precision, device, cache_dir)
+    lap("embedding")
     k = choose_folds(labels.numpy(), folds)
+    probe_acc = kfold_probe_accuracy(features, labels, datamodule.num_classes, k)
+    lap("probe")
+    knn_acc = kfold_knn_accuracy(features, labels, datamodule.num_classes, k)
+    lap("knn")
     batch_size = advised_batch_size(description.num_train, datamodule.batch_size)
     batches, load = _train_batches(datamodule, max(2, timing_batches), batch_size)
     with _forward_context(fe_precision, device)():
         shift = batchnorm_shift(backbone.to(device), [x.to(device) for x, _ in batches[:BN_BATCHES]])
-    distance = Distance(
-        probe_acc=kfold_probe_accuracy(features, labels, datamodule.num_classes, k),
-        knn_acc=kfold_knn_accuracy(features, labels, datamodule.num_classes, k),
-        bn_shift=shift,
-        folds=k,
-    )
+    distance = Distance(probe_acc=probe_acc, knn_acc=knn_acc, bn_shift=shift, folds=k)
+    lap("bn")
 
     train_precision = "32-true" if device.type == "cpu" else fe_precision
     timing = measure_timing(
@@ -196,6 +207,7 @@ def advise(
         device=device,
         load=load,
     )
+    lap("timing")
     evidence = Evidence(
         num_train=description.num_train,
         num_classes=description.num_classes,
@@ -222,6 +234,7 @@ def advise(
             rec.reasons.append(("lr_find suggestion", f"{lr:.3g}", "base learning rate"))
             config = advised_config(rec, data, hp.backbone, hp.weights, trainer)
     path = write_config(config, out, rec.reasons) if out is not None else None
+    lap("lr_find and config" if lr_find else "config")
     return Advice(
-        description, distance, timing, evidence, rec, config, path, time.perf_counter() - start
+        description, distance, timing, evidence, rec, config, path, time.perf_counter() - start, phases
     )

@@ -100,7 +100,8 @@ def format_advice(advice: Advice) -> str:
         "why",
     ]
     lines += [f"  {what:38s} {value:>12s}  {why}" for what, value, why in rec.reasons]
-    lines.append(f"advice took {advice.seconds:.1f} s")
+    parts = ", ".join(f"{name} {sec:.1f}" for name, sec in advice.phases.items())
+    lines.append(f"advice took {advice.seconds:.1f} s ({parts})")
     if advice.config_path is not None:
         lines.append(f"wrote {advice.config_path}; run: tl-lightning fit --config {advice.config_path}")
     return "\n".join(lines)
