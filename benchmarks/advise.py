@@ -66,7 +66,9 @@ def subset_datamodule(dataset: str, fraction: float, image_size: int, batch_size
     return Subset(image_size=image_size, batch_size=batch_size, seed=0, **kwargs)
 
 
-def run_strategy(strategy, evidence, dataset, fraction, image_size, cache_dir) -> tuple[float, float, int]:
+def run_strategy(
+    strategy, evidence, dataset, fraction, image_size, cache_dir
+) -> tuple[float, float, int]:
     """Train ``strategy`` as advise would configure it; returns (test acc, seconds, epochs)."""
     from lightning.pytorch import Callback, LightningModule, seed_everything
 
@@ -106,11 +108,18 @@ def advice_breakdown(args) -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 dm = subset_datamodule(dataset, fraction, args.image_size)
                 a = advise(dm, budget_minutes=args.budget / 60, out=None, cache_dir=tmp)
-            rows.append([f"{dataset} {fraction:.0%} (n={a.description.num_train})", f"{a.seconds:.1f}"]
-                        + [f"{s:.1f}" for s in a.phases.values()])
+            rows.append(
+                [
+                    f"{dataset} {fraction:.0%} (n={a.description.num_train})",
+                    a.recommendation.strategy,
+                    f"{a.distance.probe_acc:.3f}",
+                    f"{a.seconds:.1f}",
+                ]
+                + [f"{s:.1f}" for s in a.phases.values()]
+            )
             names = list(a.phases)
     print("Where the advice time goes (seconds, cold feature cache):\n")
-    print_table(["setting", "total", *names], rows)
+    print_table(["setting", "advised", "probe", "total s", *names], rows)
 
 
 def main() -> None:
@@ -120,14 +129,18 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=["digits", "digits_m"])
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.1, 0.3, 1.0])
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--advice-only", action="store_true", help="only where the advice time goes")
+    parser.add_argument(
+        "--advice-only", action="store_true", help="only where the advice time goes"
+    )
     args = parser.parse_args()
     apply_threads(args.threads)
     quiet_lightning()
     from tl_lightning.advisor import advise, seeds_size_rule
     from tl_lightning.advisor.rule import STRATEGIES
 
-    print_header(f"advise vs every strategy ({args.budget:.0f} s budget each, {args.image_size} px)")
+    print_header(
+        f"advise vs every strategy ({args.budget:.0f} s budget each, {args.image_size} px)"
+    )
     if args.advice_only:
         return advice_breakdown(args)
     rows, measures = [], []
@@ -137,7 +150,10 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 dm = subset_datamodule(dataset, fraction, args.image_size)
                 advice = advise(
-                    dm, budget_minutes=args.budget / 60, out=None, cache_dir=str(Path(tmp) / "advice")
+                    dm,
+                    budget_minutes=args.budget / 60,
+                    out=None,
+                    cache_dir=str(Path(tmp) / "advice"),
                 )
                 e = advice.evidence
                 results = {
@@ -157,31 +173,56 @@ def main() -> None:
             rows.append(
                 [name]
                 + [f"{acc[s]:.3f} ({results[s][2]} ep, {results[s][1]:.0f} s)" for s in STRATEGIES]
-                + [f"{SHORT[advised]} {acc[advised]:.3f}", f"{SHORT[seeds]} {acc[seeds]:.3f}",
-                   "yes" if hit else "no",
-                   f"{advice.seconds:.1f} / {cheapest:.1f} = {advice.seconds / cheapest:.2f}"]
+                + [
+                    f"{SHORT[advised]} {acc[advised]:.3f}",
+                    f"{SHORT[seeds]} {acc[seeds]:.3f}",
+                    "yes" if hit else "no",
+                    f"{advice.seconds:.1f} / {cheapest:.1f} = {advice.seconds / cheapest:.2f}",
+                ]
             )
             measures.append(
-                [name, f"{e.probe_acc:.3f}", f"{e.knn_acc:.3f}", f"{e.bn_shift:.2f}", e.per_class_min]
+                [
+                    name,
+                    f"{e.probe_acc:.3f}",
+                    f"{e.knn_acc:.3f}",
+                    f"{e.bn_shift:.2f}",
+                    e.per_class_min,
+                ]
                 + [f"{e.epoch_seconds[s]:.1f}" for s in STRATEGIES]
             )
             print(f"done: {rows[-1]}", flush=True)
-    print("\nTest accuracy per strategy (epochs, training seconds), the advised and the seeds' pick:\n")
+    print(
+        "\nTest accuracy per strategy (epochs, training seconds), the advised and the seeds' pick:\n"
+    )
     print_table(
-        ["setting", *[SHORT[s] for s in STRATEGIES], "advised", "seeds' size rule",
-         "advice within 1 pt of best", "advice s / cheapest strategy s"],
+        [
+            "setting",
+            *[SHORT[s] for s in STRATEGIES],
+            "advised",
+            "seeds' size rule",
+            "advice within 1 pt of best",
+            "advice s / cheapest strategy s",
+        ],
         rows,
     )
     print("What the advice measured (training split only; no test label):\n")
     print_table(
-        ["setting", "probe (k-fold)", "k-NN", "BN shift", "min per class",
-         *[f"{SHORT[s]} s/epoch" for s in STRATEGIES]],
+        [
+            "setting",
+            "probe (k-fold)",
+            "k-NN",
+            "BN shift",
+            "min per class",
+            *[f"{SHORT[s]} s/epoch" for s in STRATEGIES],
+        ],
         measures,
     )
     n = len(rows)
-    print(f"advice within 1 point of the best: {hits}/{n} (target >= 5/6); "
-          f"not worse than the seeds' rule: {not_worse}/{n} (target {n}/{n}); "
-          f"advice under 10 % of the cheapest strategy's time: {fast}/{n}")
+    print(
+        f"advice within 1 point of the best: {hits}/{n} (target >= 5/6); "
+        f"not worse than the seeds' rule: {not_worse}/{n} (target {n}/{n}); "
+        f"advice under 10 % of the cheapest strategy's time: {fast}/{n}"
+    )
 
 
 if __name__ == "__main__":

@@ -26,7 +26,12 @@ def user_config(tmp_path, root) -> str:
                 },
                 "data": {
                     "class_path": "tl_lightning.data.image_folder.ImageFolderDataModule",
-                    "init_args": {"root": str(root), "image_size": 32, "batch_size": 8, "num_workers": 0},
+                    "init_args": {
+                        "root": str(root),
+                        "image_size": 32,
+                        "batch_size": 8,
+                        "num_workers": 0,
+                    },
                 },
                 "trainer": {"accelerator": "cpu", "logger": False},
             }
@@ -41,7 +46,16 @@ ADVISE_FAST = ["--budget_minutes", "0.5", "--folds", "2", "--timing_batches", "2
 @pytest.fixture
 def advised(folder, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    run_cli(["advise", "--config", user_config(tmp_path, folder.root), "--out", "advised.yaml", *ADVISE_FAST])
+    run_cli(
+        [
+            "advise",
+            "--config",
+            user_config(tmp_path, folder.root),
+            "--out",
+            "advised.yaml",
+            *ADVISE_FAST,
+        ]
+    )
     return tmp_path / "advised.yaml", capsys.readouterr().out
 
 
@@ -64,7 +78,14 @@ def _subset(small: dict, big: dict) -> None:
 
 def test_advise_prints_the_numbers_and_writes_a_config_that_round_trips_and_fits(advised, capsys):
     path, report = advised
-    for line in ("images per split", "linear probe", "BatchNorm shift", "seconds per epoch", "strategy", "wrote"):
+    for line in (
+        "images per split",
+        "linear probe",
+        "BatchNorm shift",
+        "seconds per epoch",
+        "strategy",
+        "wrote",
+    ):
         assert line in report
     assert "broken files       2" in report  # the two broken bee files of the fixture
     written = yaml.safe_load(path.read_text())
@@ -87,12 +108,18 @@ def test_the_config_of_every_strategy_round_trips_and_fits(strategy, advised, tm
     path = write_config(config, tmp_path / f"{strategy}.yaml", rec.reasons)
     first = print_config(["fit", "--config", str(path)], capsys)
     (tmp_path / "dumped.yaml").write_text(first)
-    assert yaml.safe_load(first) == yaml.safe_load(print_config(["fit", "--config", str(tmp_path / "dumped.yaml")], capsys))
+    assert yaml.safe_load(first) == yaml.safe_load(
+        print_config(["fit", "--config", str(tmp_path / "dumped.yaml")], capsys)
+    )
     _subset(config["model"], yaml.safe_load(first)["model"])
     cli = run_cli(["fit", "--config", str(path), "--trainer.fast_dev_run=true"])
     assert cli.trainer.state.finished
-    assert type(cli.model).__name__ == ("FeatureExtractionModule" if strategy == "feature_extraction" else "FineTuneModule")
-    assert build_datamodule(user).hparams.backbone == "resnet18"  # the model's backbone reached the data
+    assert type(cli.model).__name__ == (
+        "FeatureExtractionModule" if strategy == "feature_extraction" else "FineTuneModule"
+    )
+    assert (
+        build_datamodule(user).hparams.backbone == "resnet18"
+    )  # the model's backbone reached the data
 
 
 def test_a_broken_folder_gives_the_same_error_as_fit(tmp_path, monkeypatch):
@@ -113,8 +140,13 @@ def test_config_overrides_and_a_missing_data_section(tmp_path):
 
     path = tmp_path / "c.yaml"
     path.write_text("data:\n  init_args:\n    batch_size: 8\n")
-    config = load_config([str(path)], ["--data.init_args.batch_size=16", "--model.init_args.weights=null"])
-    assert config["data"]["init_args"]["batch_size"] == 16 and config["model"]["init_args"]["weights"] is None
+    config = load_config(
+        [str(path)], ["--data.init_args.batch_size=16", "--model.init_args.weights=null"]
+    )
+    assert (
+        config["data"]["init_args"]["batch_size"] == 16
+        and config["model"]["init_args"]["weights"] is None
+    )
     path.write_text("model: {}\n")
     with pytest.raises(SystemExit, match="no 'data' section"):
         load_config([str(path)], [])

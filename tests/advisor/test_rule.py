@@ -9,7 +9,12 @@ import pytest
 from tl_lightning.advisor import rule
 from tl_lightning.advisor.rule import Evidence, recommend, seeds_size_rule, settings_for
 
-EPOCH = {"feature_extraction": 2.0, "last_groups": 4.0, "full_finetune": 10.0, "gradual_unfreezing": 10.0}
+EPOCH = {
+    "feature_extraction": 2.0,
+    "last_groups": 4.0,
+    "full_finetune": 10.0,
+    "gradual_unfreezing": 10.0,
+}
 
 
 def ev(**changes) -> Evidence:
@@ -90,7 +95,10 @@ def test_lr_from_lr_find_wins_over_the_default():
 
 
 def test_same_numbers_same_advice_and_reasons_carry_the_numbers():
-    a, b = recommend(ev(bn_shift=1.234, probe_acc=0.812)), recommend(ev(bn_shift=1.234, probe_acc=0.812))
+    a, b = (
+        recommend(ev(bn_shift=1.234, probe_acc=0.812)),
+        recommend(ev(bn_shift=1.234, probe_acc=0.812)),
+    )
     assert a == b
     values = [value for _, value, _ in a.reasons]
     assert "1.23" in values and "0.812" in values
@@ -98,7 +106,12 @@ def test_same_numbers_same_advice_and_reasons_carry_the_numbers():
 
 @pytest.mark.parametrize(
     ("n", "expected"),
-    [(999, "feature_extraction"), (1000, "last_groups"), (9999, "last_groups"), (10000, "full_finetune")],
+    [
+        (999, "feature_extraction"),
+        (1000, "last_groups"),
+        (9999, "last_groups"),
+        (10000, "full_finetune"),
+    ],
 )
 def test_seeds_size_rule_boundaries(n, expected):
     assert seeds_size_rule(n) == expected

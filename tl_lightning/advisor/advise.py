@@ -3,6 +3,7 @@ strategy costs here, recommend one, and write a config that ``tl-lightning fit``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from contextlib import nullcontext
@@ -58,7 +59,10 @@ class Advice:
 def data_section(datamodule) -> dict:
     """``{"class_path", "init_args"}`` that rebuild ``datamodule`` (from its saved hyperparameters)."""
     cls = type(datamodule)
-    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": _plain(dict(datamodule.hparams))}
+    return {
+        "class_path": f"{cls.__module__}.{cls.__qualname__}",
+        "init_args": _plain(dict(datamodule.hparams)),
+    }
 
 
 def _plain(value):
@@ -104,7 +108,9 @@ def embed_train_split(backbone, datamodule, precision: str, device: torch.device
         forward_context=_forward_context(precision, device),
         desc="embedding the training split",
     )
-    return torch.from_numpy(np.array(cache.features, dtype=np.float32)), torch.from_numpy(cache.labels)
+    return torch.from_numpy(np.array(cache.features, dtype=np.float32)), torch.from_numpy(
+        cache.labels
+    )
 
 
 def _train_batches(datamodule, n: int, batch_size: int) -> tuple[list, float]:
@@ -133,6 +139,7 @@ def advise(
     folds: int = 5,
     timing_batches: int = 4,
     lr_find: bool = False,
+    lr_find_steps: int = 50,
     out: str | Path | None = "advised.yaml",
     trainer: dict | None = None,
     data: dict | None = None,
@@ -147,6 +154,7 @@ def advise(
         folds: k of the k-fold linear probe and k-NN (fewer when the smallest class is smaller).
         timing_batches: training batches timed per strategy (the first only warms up).
         lr_find: run Lightning's LR range test on the advised model for the learning rate.
+        lr_find_steps: training steps of that test (Lightning's ``num_training``).
         out: where to write the advised config (``None``: do not write).
         trainer, data: the user's ``trainer`` / ``data`` config sections to keep (the CLI passes
             them); ``data`` defaults to one rebuilt from the datamodule's hyperparameters.
@@ -172,10 +180,8 @@ def advise(
     datamodule.prepare_data()  # a broken folder fails here, exactly as in `fit`
     datamodule.setup("fit")
     if datamodule.test_set is None:
-        try:
+        with contextlib.suppress(ValueError):  # no test split configured: described as absent
             datamodule.setup("test")
-        except ValueError:  # no test split configured: described as absent
-            pass
     description = describe_data(datamodule)
     hp = datamodule.hparams
     backbone = build_backbone(hp.backbone, weights=hp.weights)
@@ -192,7 +198,9 @@ def advise(
     batch_size = advised_batch_size(description.num_train, datamodule.batch_size)
     batches, load = _train_batches(datamodule, max(2, timing_batches), batch_size)
     with _forward_context(fe_precision, device)():
-        shift = batchnorm_shift(backbone.to(device), [x.to(device) for x, _ in batches[:BN_BATCHES]])
+        shift = batchnorm_shift(
+            backbone.to(device), [x.to(device) for x, _ in batches[:BN_BATCHES]]
+        )
     distance = Distance(probe_acc=probe_acc, knn_acc=knn_acc, bn_shift=shift, folds=k)
     lap("bn")
 
@@ -227,7 +235,7 @@ def advise(
     if lr_find:
         from tl_lightning.advisor.lr import find_lr
 
-        lr = find_lr(config)
+        lr = find_lr(config, num_training=lr_find_steps)
         if lr is not None:
             evidence = Evidence(**{**evidence.__dict__, "lr": lr})
             rec = recommend(evidence)
@@ -236,5 +244,13 @@ def advise(
     path = write_config(config, out, rec.reasons) if out is not None else None
     lap("lr_find and config" if lr_find else "config")
     return Advice(
-        description, distance, timing, evidence, rec, config, path, time.perf_counter() - start, phases
+        description,
+        distance,
+        timing,
+        evidence,
+        rec,
+        config,
+        path,
+        time.perf_counter() - start,
+        phases,
     )

@@ -82,7 +82,8 @@ def format_advice(advice: Advice) -> str:
         f"  train per class    {dict(zip(d.class_names, d.train_per_class, strict=True))}",
         f"  imbalance          {d.imbalance:.2f} (largest / smallest class)",
         f"  image sizes        {d.size_summary()}",
-        f"  broken files       {len(d.broken)}" + "".join(f"\n    {p}: {why}" for p, why in d.broken[:10]),
+        f"  broken files       {len(d.broken)}"
+        + "".join(f"\n    {p}: {why}" for p, why in d.broken[:10]),
         "distance from the pretraining",
         f"  linear probe       {dist.probe_acc:.3f} ({dist.folds}-fold, training split)",
         f"  k-NN               {dist.knn_acc:.3f}",
@@ -103,7 +104,9 @@ def format_advice(advice: Advice) -> str:
     parts = ", ".join(f"{name} {sec:.1f}" for name, sec in advice.phases.items())
     lines.append(f"advice took {advice.seconds:.1f} s ({parts})")
     if advice.config_path is not None:
-        lines.append(f"wrote {advice.config_path}; run: tl-lightning fit --config {advice.config_path}")
+        lines.append(
+            f"wrote {advice.config_path}; run: tl-lightning fit --config {advice.config_path}"
+        )
     return "\n".join(lines)
 
 
@@ -113,12 +116,17 @@ def main(argv: list[str]) -> Advice:
         prog="tl-lightning advise",
         description="Recommend a transfer strategy for the configured data and write advised.yaml",
     )
-    parser.add_argument("--config", action="append", required=True, help="YAML config(s), merged in order")
+    parser.add_argument(
+        "--config", action="append", required=True, help="YAML config(s), merged in order"
+    )
     parser.add_argument("--out", default="advised.yaml", help="where to write the advised config")
     parser.add_argument("--budget_minutes", type=float, default=10.0, help="training time to spend")
     parser.add_argument("--folds", type=int, default=5, help="k of the k-fold probe and k-NN")
     parser.add_argument("--timing_batches", type=int, default=4, help="batches timed per strategy")
-    parser.add_argument("--lr_find", action="store_true", help="pick the LR with Lightning's lr_find")
+    parser.add_argument(
+        "--lr_find", action="store_true", help="pick the LR with Lightning's lr_find"
+    )
+    parser.add_argument("--lr_find_steps", type=int, default=50, help="steps of the LR range test")
     parser.add_argument("--cache_dir", default=None, help="feature cache folder")
     args, overrides = parser.parse_known_args(argv)
     config = load_config(args.config, overrides)
@@ -128,6 +136,7 @@ def main(argv: list[str]) -> Advice:
         folds=args.folds,
         timing_batches=args.timing_batches,
         lr_find=args.lr_find,
+        lr_find_steps=args.lr_find_steps,
         out=args.out,
         trainer=config.get("trainer"),
         data=config["data"],

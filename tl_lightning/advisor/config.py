@@ -33,7 +33,10 @@ def advised_config(
     init = {k: v for k, v in (data.get("init_args") or {}).items() if k not in LINKED}
     init["batch_size"] = rec.batch_size
     data["init_args"] = init
-    optimizer = {"class_path": "torch.optim.AdamW", "init_args": {"lr": rec.lr, "weight_decay": 1e-4}}
+    optimizer = {
+        "class_path": "torch.optim.AdamW",
+        "init_args": {"lr": rec.lr, "weight_decay": 1e-4},
+    }
     model_args: dict = {"backbone": backbone, "weights": weights, "optimizer": optimizer}
     callbacks = []
     if rec.strategy == "feature_extraction":

@@ -65,8 +65,13 @@ def kfold_probe_accuracy(
         if l2 is None:
             fit, val = (rest[i] for i in stratified_split(y[rest], (0.8, 0.2), seed))
             l2 = sweep_logistic_regression(
-                features[fit], labels[fit], features[val], labels[val], num_classes,
-                grid=PROBE_GRID, max_iter=PROBE_ITERS,
+                features[fit],
+                labels[fit],
+                features[val],
+                labels[val],
+                num_classes,
+                grid=PROBE_GRID,
+                max_iter=PROBE_ITERS,
             ).l2
         weight, bias = fit_logistic_regression(
             features[rest], labels[rest], num_classes, l2, max_iter=PROBE_ITERS
@@ -77,7 +82,12 @@ def kfold_probe_accuracy(
 
 
 def kfold_knn_accuracy(
-    features: torch.Tensor, labels: torch.Tensor, num_classes: int, folds: int, k: int = 10, seed: int = 0
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    folds: int,
+    k: int = 10,
+    seed: int = 0,
 ) -> float:
     """Held-out accuracy of a cosine k-NN majority vote, pooled over ``folds`` folds."""
     y = labels.numpy()
@@ -130,5 +140,7 @@ def batchnorm_shift(backbone: nn.Module, batches: Iterable[torch.Tensor]) -> flo
         var = (total_sq / n - mean * mean).clamp(min=0)
         sd_run = (m.running_var.float() + m.eps).sqrt()
         sd = (var + m.eps).sqrt()
-        shifts.append(((mean - m.running_mean.float()).abs() / sd_run + (sd / sd_run).log().abs()).mean())
+        shifts.append(
+            ((mean - m.running_mean.float()).abs() / sd_run + (sd / sd_run).log().abs()).mean()
+        )
     return float(torch.stack(shifts).mean())

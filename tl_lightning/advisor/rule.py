@@ -130,7 +130,11 @@ def recommend(e: Evidence) -> Recommendation:
     if e.probe_acc >= PROBE_ENOUGH:
         strategy = "feature_extraction"
         reasons.append(
-            ("linear probe (k-fold)", f"{e.probe_acc:.3f}", f">= {PROBE_ENOUGH}: frozen features suffice")
+            (
+                "linear probe (k-fold)",
+                f"{e.probe_acc:.3f}",
+                f">= {PROBE_ENOUGH}: frozen features suffice",
+            )
         )
     else:
         reasons.append(
@@ -138,7 +142,11 @@ def recommend(e: Evidence) -> Recommendation:
                 "linear probe (k-fold)",
                 f"{e.probe_acc:.3f}",
                 f"< {PROBE_ENOUGH}: training the backbone can gain"
-                + (f"; < {PROBE_FAR}: features far from these classes" if e.probe_acc < PROBE_FAR else ""),
+                + (
+                    f"; < {PROBE_FAR}: features far from these classes"
+                    if e.probe_acc < PROBE_FAR
+                    else ""
+                ),
             )
         )
         if full_epochs < MIN_EPOCHS:
@@ -184,7 +192,9 @@ def settings_for(
     if strategy == "feature_extraction":
         epochs = FE_EPOCHS
     else:
-        epochs = min(MAX_EPOCHS, max(1, affordable_epochs(e.budget_seconds, e.epoch_seconds[strategy])))
+        epochs = min(
+            MAX_EPOCHS, max(1, affordable_epochs(e.budget_seconds, e.epoch_seconds[strategy]))
+        )
     reasons.append(
         (
             f"{strategy} epoch (measured)",
@@ -205,4 +215,3 @@ def settings_for(
         lr=e.lr if e.lr is not None else DEFAULT_LR[strategy],
         reasons=reasons,
     )
-

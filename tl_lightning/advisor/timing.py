@@ -15,7 +15,6 @@ from torch import nn
 from tl_lightning.advisor.rule import last_groups_count
 
 
-
 @dataclass
 class Timing:
     """Measured seconds per batch, and per epoch for each strategy.
@@ -93,7 +92,10 @@ def measure_timing(
     device = torch.device(device)
     net = copy.deepcopy(backbone).to(device).to(memory_format=torch.channels_last)
     head = nn.Linear(net.feature_dim, num_classes).to(device)
-    batches = [(x.to(device).contiguous(memory_format=torch.channels_last), y.to(device)) for x, y in batches]
+    batches = [
+        (x.to(device).contiguous(memory_format=torch.channels_last), y.to(device))
+        for x, y in batches
+    ]
     groups = net.group_names()
     n_last = last_groups_count(len(groups))
 
