@@ -4,6 +4,7 @@ strategy costs here, recommend one, and write a config that ``tl-lightning fit``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from contextlib import nullcontext
@@ -237,7 +238,7 @@ def advise(
 
         lr = find_lr(config, num_training=lr_find_steps)
         if lr is not None:
-            evidence = Evidence(**{**evidence.__dict__, "lr": lr})
+            evidence = dataclasses.replace(evidence, lr=lr)
             rec = recommend(evidence)
             rec.reasons.append(("lr_find suggestion", f"{lr:.3g}", "base learning rate"))
             config = advised_config(rec, data, hp.backbone, hp.weights, trainer)
