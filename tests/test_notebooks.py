@@ -62,6 +62,8 @@ CHECKS = {
         assert all(lr > 0 for lr in np.array(lrs["backbone.neck"])[epochs >= first])
         assert lrs["head"][-1] > lrs["backbone.neck"][-1] > lrs["backbone.stem"][-1] > 0
         assert 0.0 <= fe_test_acc <= 1.0 and 0.0 <= ft_test_acc <= 1.0
+        assert advice.description.splits["train"] == 1078 and 0.0 <= advice.distance.probe_acc <= 1.0
+        assert advice.config["trainer"]["max_epochs"] == rec.epochs and rec.reasons
     """,
     "03_domain_adaptation.ipynb": """
         baseline, dann = runs["source only"][2], runs["DANN"][2]

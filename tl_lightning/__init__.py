@@ -44,6 +44,7 @@ _EXPORTS = {
     "CatsDogsDataModule": "tl_lightning.data",
     "OneCycleLR": "tl_lightning.optim",
     "WarmupCosine": "tl_lightning.optim",
+    "advise": "tl_lightning.advisor",
 }
 
 __all__ = sorted(_EXPORTS)

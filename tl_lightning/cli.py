@@ -202,11 +202,19 @@ def _print_backbones() -> None:
     print("and any timm model (e.g. timm/convnext_tiny); weights: DEFAULT, a tag, null, or a file")
 
 
-def run_cli(args: list[str] | None = None) -> TLCLI | None:
-    """Run ``tl-lightning`` with ``args`` (default: sys.argv) and return the CLI object."""
+def run_cli(args: list[str] | None = None, run: bool = True) -> TLCLI | None:
+    """Run ``tl-lightning`` with ``args`` (default: sys.argv) and return the CLI object.
+
+    ``run=False`` only builds the model, data and trainer (args without a subcommand).
+    """
     argv = sys.argv[1:] if args is None else args
     if argv[:1] == ["backbones"]:
         _print_backbones()
+        return None
+    if argv[:1] == ["advise"]:  # not a Trainer method: its own small parser (tl_lightning.advisor)
+        from tl_lightning.advisor.command import main as advise_main
+
+        advise_main(argv[1:])
         return None
     return TLCLI(
         LightningModule,
@@ -219,6 +227,7 @@ def run_cli(args: list[str] | None = None) -> TLCLI | None:
         save_config_kwargs={"overwrite": True},
         args=argv,
         auto_configure_optimizers=False,
+        run=run,
     )
 
 

@@ -1,0 +1,146 @@
+"""How far the data are from the pretraining: frozen-feature accuracy and BatchNorm statistics.
+
+Three measures of one frozen backbone on the training split, all in seconds once it is embedded:
+
+- a k-fold linear probe (L2 logistic regression by L-BFGS, strength picked inside each training
+  fold): what feature extraction can reach;
+- a k-fold k-NN accuracy (cosine): how well the pretrained geometry alone groups the classes;
+- the BatchNorm shift: how far each BN layer's input statistics on these images are from its
+  pretrained running statistics, in units of the running standard deviation. Large values mean
+  frozen BN layers normalise these images badly (why ``bn: eval`` hurts on digits and ``stats``
+  helps: benchmarks/unfreezing.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tl_lightning.data.base import stratified_split
+from tl_lightning.probe import fit_logistic_regression, sweep_logistic_regression
+
+PROBE_GRID = (1e-4, 1e-3, 1e-2)  # L2 strengths tried (in the first fold; the others reuse its pick)
+PROBE_ITERS = 100  # L-BFGS iterations per fit: the probe is evidence, not the final head
+
+
+@dataclass
+class Distance:
+    """Frozen-feature accuracies (k-fold, on the training split) and the BatchNorm shift."""
+
+    probe_acc: float
+    knn_acc: float
+    bn_shift: float
+    folds: int
+
+
+def fold_indices(labels: np.ndarray, folds: int, seed: int = 0) -> list[np.ndarray]:
+    """``folds`` disjoint stratified parts of ``range(len(labels))`` (seeded)."""
+    return stratified_split(labels, [1.0 / folds] * folds, seed)
+
+
+def choose_folds(labels: np.ndarray, folds: int) -> int:
+    """At most ``folds``, at least 2, and no more than the smallest class has images."""
+    counts = np.bincount(labels)
+    return max(2, min(folds, int(counts[counts > 0].min())))
+
+
+def kfold_probe_accuracy(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, folds: int, seed: int = 0
+) -> float:
+    """Held-out accuracy of a linear probe, pooled over ``folds`` folds.
+
+    Each fold's probe is fit on the other folds. The L2 strength is picked once, in the first
+    fold, on a stratified fifth of its training part (never on a held-out fold), and reused.
+    """
+    y = labels.numpy()
+    parts = fold_indices(y, folds, seed)
+    correct, l2 = 0, None
+    for k, held in enumerate(parts):
+        rest = np.concatenate([p for j, p in enumerate(parts) if j != k])
+        if l2 is None:
+            fit, val = (rest[i] for i in stratified_split(y[rest], (0.8, 0.2), seed))
+            l2 = sweep_logistic_regression(
+                features[fit],
+                labels[fit],
+                features[val],
+                labels[val],
+                num_classes,
+                grid=PROBE_GRID,
+                max_iter=PROBE_ITERS,
+            ).l2
+        weight, bias = fit_logistic_regression(
+            features[rest], labels[rest], num_classes, l2, max_iter=PROBE_ITERS
+        )
+        logits = features[held] @ weight.T + bias
+        correct += int((logits.argmax(1) == labels[held]).sum())
+    return correct / len(y)
+
+
+def kfold_knn_accuracy(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    folds: int,
+    k: int = 10,
+    seed: int = 0,
+) -> float:
+    """Held-out accuracy of a cosine k-NN majority vote, pooled over ``folds`` folds."""
+    y = labels.numpy()
+    unit = F.normalize(features.float(), dim=1)
+    correct = 0
+    for held in fold_indices(y, folds, seed):
+        mask = np.ones(len(y), bool)
+        mask[held] = False
+        sims = unit[held] @ unit[mask].T
+        top = sims.topk(min(k, int(mask.sum())), dim=1).indices
+        votes = F.one_hot(labels[mask][top], num_classes).sum(1)
+        correct += int((votes.argmax(1) == labels[held]).sum())
+    return correct / len(y)
+
+
+@torch.no_grad()
+def batchnorm_shift(backbone: nn.Module, batches: Iterable[torch.Tensor]) -> float:
+    """Mean over BN layers and channels of ``|mu - mu_run| / sd_run + |log(sd / sd_run)|``.
+
+    ``mu``/``sd`` are a BN layer's input mean and standard deviation per channel over ``batches``
+    with the whole network in eval mode (what a frozen ``bn: eval`` backbone sees); 0 means these
+    images look, to every BN layer, exactly like the pretraining data on average.
+    """
+    layers = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not layers:
+        return 0.0
+    sums: dict[int, list[torch.Tensor]] = {}
+
+    def hook(module, args):
+        x = args[0].detach().float().transpose(0, 1).reshape(args[0].shape[1], -1)
+        s = sums.setdefault(id(module), [0.0, 0.0, 0])
+        s[0] = s[0] + x.sum(1)
+        s[1] = s[1] + (x * x).sum(1)
+        s[2] += x.shape[1]
+
+    handles = [m.register_forward_pre_hook(hook) for m in layers]
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        for x in batches:
+            backbone(x)
+    finally:
+        for h in handles:
+            h.remove()
+        backbone.train(was_training)
+    shifts = []
+    for m in layers:
+        total, total_sq, n = sums[id(m)]
+        mean = total / n
+        var = (total_sq / n - mean * mean).clamp(min=0)
+        sd_run = (m.running_var.float() + m.eps).sqrt()
+        sd = (var + m.eps).sqrt()
+        shifts.append(
+            ((mean - m.running_mean.float()).abs() / sd_run + (sd / sd_run).log().abs()).mean()
+        )
+    return float(torch.stack(shifts).mean())
