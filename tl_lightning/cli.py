@@ -15,12 +15,9 @@ from tl_lightning.callbacks.rng_state import RNGStateCheckpoint
 from tl_lightning.callbacks.skipped_images import SkippedImagesReport
 from tl_lightning.callbacks.visuals import TensorBoardVisuals
 from tl_lightning.checkpoint_io import resolve_last, use_atomic_checkpoint_io
-from tl_lightning.config_checks import (
-    ConfigErrorParser,
-    check_backbone_config,
-    check_checkpoint,
-    load_checkpoint_safely,
-)
+from tl_lightning.checkpoint_safety import check_checkpoint, load_checkpoint_safely
+from tl_lightning.cli_errors import ConfigErrorParser
+from tl_lightning.config_checks import check_backbone_config
 from tl_lightning.precision import TLTrainer
 
 

@@ -24,9 +24,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from tl_lightning.checkpoint_io import disk_full_error
-from tl_lightning.data.folder import is_failed, skip_failed_collate
+from tl_lightning.data.decode import is_failed, skip_failed_collate
 from tl_lightning.errors import DataError
+from tl_lightning.file_io import disk_full_error
 
 log = logging.getLogger(__name__)
 

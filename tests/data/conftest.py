@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tl_lightning.data.folder import load_rgb
+from tl_lightning.data.decode import load_rgb
 
 # --- loopback server ---------------------------------------------------------------------------
 

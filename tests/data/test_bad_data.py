@@ -17,11 +17,10 @@ from tests.helpers import TINY, quick_trainer
 from tl_lightning.callbacks.skipped_images import SkippedImagesReport
 from tl_lightning.cli import run_cli
 from tl_lightning.data.base import MixCollate
-from tl_lightning.data.cats_dogs import ImageListDataset
-from tl_lightning.data.folder import (
+from tl_lightning.data.dataset import ImageFilesDataset, ImageListDataset
+from tl_lightning.data.decode import (
     SKIP_LOG_NAME,
     FailedSample,
-    ImageFilesDataset,
     SkipFailedDataLoader,
     read_skip_log,
     skip_failed_collate,

@@ -12,12 +12,8 @@ from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, TensorDataset
 
 from tl_lightning.data.digits import load_digits_images
-from tl_lightning.data.episodic import (
-    EpisodeCollate,
-    EpisodicBatchSampler,
-    FewShotDataModule,
-    IndexDataset,
-)
+from tl_lightning.data.episodes import EpisodeCollate, EpisodicBatchSampler, IndexDataset
+from tl_lightning.data.few_shot import FewShotDataModule
 
 LABELS = np.repeat(np.arange(8), 12)  # 8 classes x 12 samples
 rng = np.random.default_rng(0)

@@ -12,7 +12,7 @@ from typing import Any
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from tl_lightning.checkpoint_io import atomic_write, disk_full_error
+from tl_lightning.file_io import atomic_write, disk_full_error
 
 HEADER = ["file", "class", "probability"]
 _FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}

@@ -9,9 +9,10 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from tl_lightning.data.base import ImageDataModule, carve_val
-from tl_lightning.data.digits import TensorImageDataset
+from tl_lightning.data.base import ImageDataModule
+from tl_lightning.data.dataset import TensorImageDataset
 from tl_lightning.data.download import check_file, download_url, extract_archive
+from tl_lightning.data.split import carve_val
 from tl_lightning.data.transforms import eval_transform
 from tl_lightning.errors import DataError
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
-from tl_lightning.data.base import ImageDataModule, stratified_split
+from tl_lightning.data.base import ImageDataModule
+from tl_lightning.data.dataset import TensorImageDataset
+from tl_lightning.data.split import stratified_split
 
 
 def load_digits_images(image_size: int) -> tuple[torch.Tensor, np.ndarray]:
@@ -21,18 +22,6 @@ def load_digits_images(image_size: int) -> tuple[torch.Tensor, np.ndarray]:
     return images, digits.target.astype(np.int64)
 
 
-class TensorImageDataset(Dataset):
-    """``(transform(image), label)`` over an in-memory uint8 image tensor."""
-
-    def __init__(self, images: torch.Tensor, labels: np.ndarray, transform=None):
-        self.images, self.labels, self.transform = images, labels, transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int):
-        image = self.images[index]
-        return (self.transform(image) if self.transform else image), int(self.labels[index])
 
 
 class DigitsDataModule(ImageDataModule):

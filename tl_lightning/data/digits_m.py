@@ -15,8 +15,8 @@ from functools import cache
 import numpy as np
 import torch
 
-from tl_lightning.data.base import stratified_split
 from tl_lightning.data.digits import DigitsDataModule, load_digits_images
+from tl_lightning.data.split import stratified_split
 
 DEFAULT_PHOTOS = (
     "astronaut",

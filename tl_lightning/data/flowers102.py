@@ -11,8 +11,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import ConcatDataset
 
 from tl_lightning.data.base import ImageDataModule
+from tl_lightning.data.decode import load_rgb
 from tl_lightning.data.download import check_file, download_url, extract_archive
-from tl_lightning.data.folder import load_rgb
 
 # Names of labels 0..101 (``imagelabels.mat`` holds 1..102), as torchvision lists them.
 FLOWERS102_CLASSES = [

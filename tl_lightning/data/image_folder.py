@@ -10,15 +10,10 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from tl_lightning.data.base import ImageDataModule
-from tl_lightning.data.cats_dogs import (
-    SKIPPED,
-    ScannedFolderSplits,
-    ScanResult,
-    _skip_summary,
-    class_folders,
-    scan_image_folder,
-)
-from tl_lightning.data.folder import IMAGE_EXTENSIONS, load_rgb
+from tl_lightning.data.cats_dogs import ScannedFolderSplits
+from tl_lightning.data.decode import load_rgb
+from tl_lightning.data.listing import IMAGE_EXTENSIONS, class_folders
+from tl_lightning.data.scan import SKIPPED, ScanResult, _skip_summary, scan_image_folder
 from tl_lightning.errors import DataError
 
 log = logging.getLogger(__name__)

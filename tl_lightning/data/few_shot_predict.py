@@ -11,8 +11,9 @@ from torch.utils.data import DataLoader
 from tl_lightning.backbones import DataConfig
 from tl_lightning.backbones import conv4 as _conv4  # noqa: F401  (registers the default backbone)
 from tl_lightning.data.base import ImageDataModule
-from tl_lightning.data.episodic import LabelledFilesDataset
-from tl_lightning.data.folder import ImageFilesDataset, list_images, skip_failed_collate
+from tl_lightning.data.dataset import ImageFilesDataset, LabelledFilesDataset
+from tl_lightning.data.decode import skip_failed_collate
+from tl_lightning.data.listing import list_images
 from tl_lightning.errors import DataError
 
 
@@ -33,7 +34,7 @@ class FewShotPredictDataModule(ImageDataModule):
 
         tl-lightning predict --model tl_lightning.modules.protonet.ProtoNetModule \\
             --model.backbone efficientnet_lite0 --model.freeze_backbone true \\
-            --data tl_lightning.data.few_shot_folder.FewShotPredictDataModule \\
+            --data tl_lightning.data.few_shot_predict.FewShotPredictDataModule \\
             --data.support_dir support/ --data.query_dir queries/
     """
 
