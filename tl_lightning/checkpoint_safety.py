@@ -2,6 +2,8 @@
 
 - :func:`load_checkpoint_safely`: ``torch.load(weights_only=True)``; code-carrying pickles are
   refused with :class:`~tl_lightning.errors.UnsafeFileError`, never executed.
+- :func:`check_lightning_checkpoint`: the file is a checkpoint a tl-lightning run wrote (a
+  bare ``state_dict`` or another program's file is named for what it lacks).
 - :func:`check_checkpoint`: the checkpoint was trained on the same classes as the configured data.
 """
 
@@ -47,6 +49,45 @@ def load_checkpoint_safely(ckpt_path: str | Path | None, weights_only: bool | No
         ) from None
     except (RuntimeError, EOFError, OSError) as e:
         raise ValueError(f"checkpoint '{path}' is corrupt or not a checkpoint ({e})") from e
+
+
+# What every checkpoint a tl-lightning run (CLI or Trainer) writes holds, and why it is needed.
+CHECKPOINT_KEYS = {
+    "state_dict": "the model weights",
+    "pytorch-lightning_version": "the Lightning version that wrote it",
+    "hyper_parameters": "the model's constructor arguments (to rebuild it)",
+}
+
+
+def check_lightning_checkpoint(ckpt: Any, ckpt_path: str | Path) -> None:
+    """Raise ``ValueError`` naming what ``ckpt`` lacks when a tl-lightning run did not write it.
+
+    Example:
+        >>> check_lightning_checkpoint({"w": 1}, "model.pt")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: checkpoint 'model.pt' was not written by tl-lightning: it lacks 'state_dict' ...
+    """
+    if not isinstance(ckpt, dict):
+        raise ValueError(
+            f"checkpoint '{ckpt_path}' was not written by tl-lightning: it holds a "
+            f"{type(ckpt).__name__}, not a checkpoint dict; give a .ckpt file from a run's "
+            f"checkpoints/ folder, or load bare weights with --model.init_args.weights {ckpt_path}"
+        )
+    missing = [key for key in CHECKPOINT_KEYS if key not in ckpt]
+    if not missing:
+        return
+    lacks = ", ".join(f"'{key}' ({CHECKPOINT_KEYS[key]})" for key in missing)
+    bare = (
+        " (it looks like a bare state_dict)"
+        if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values())
+        else ""
+    )
+    raise ValueError(
+        f"checkpoint '{ckpt_path}' was not written by tl-lightning: it lacks {lacks}{bare}; "
+        f"give a .ckpt file from a run's checkpoints/ folder (e.g. runs/<name>/version_0/"
+        f"checkpoints/last.ckpt), or load bare weights with --model.init_args.weights {ckpt_path}"
+    )
 
 
 def check_checkpoint(

@@ -15,7 +15,11 @@ from tl_lightning.callbacks.rng_state import RNGStateCheckpoint
 from tl_lightning.callbacks.skipped_images import SkippedImagesReport
 from tl_lightning.callbacks.visuals import TensorBoardVisuals
 from tl_lightning.checkpoint_io import resolve_last, use_atomic_checkpoint_io
-from tl_lightning.checkpoint_safety import check_checkpoint, load_checkpoint_safely
+from tl_lightning.checkpoint_safety import (
+    check_checkpoint,
+    check_lightning_checkpoint,
+    load_checkpoint_safely,
+)
 from tl_lightning.cli_errors import ConfigErrorParser
 from tl_lightning.config_checks import check_backbone_config
 from tl_lightning.precision import TLTrainer
@@ -137,7 +141,9 @@ class TLCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """Lightning reads ``--ckpt_path`` hyperparameters at parse time: vet the file first."""
         config = self.config.get(str(self.config.get("subcommand")), self.config)
-        load_checkpoint_safely(config.get("ckpt_path"), config.get("weights_only"))
+        ckpt = load_checkpoint_safely(config.get("ckpt_path"), config.get("weights_only"))
+        if ckpt is not None:
+            check_lightning_checkpoint(ckpt, config.get("ckpt_path"))
         super()._parse_ckpt_path()
 
     def _check_ckpt_path(self) -> None:
@@ -205,6 +211,9 @@ def run_cli(args: list[str] | None = None) -> TLCLI | None:
     if argv[:1] == ["backbones"]:
         _print_backbones()
         return None
+    # `args` only when given: LightningCLI warns on every run that gets it ("intended to run from
+    # within Python"), and reads sys.argv itself otherwise.
+    given = {} if args is None else {"args": args}
     return TLCLI(
         LightningModule,
         LightningDataModule,
@@ -214,8 +223,8 @@ def run_cli(args: list[str] | None = None) -> TLCLI | None:
         subclass_mode_data=True,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
-        args=argv,
         auto_configure_optimizers=False,
+        **given,
     )
 
 

@@ -10,6 +10,7 @@ quota's ``EDQUOT``) that every writer uses.
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import os
 from collections.abc import Callable
@@ -20,7 +21,8 @@ from tl_lightning.errors import TLError
 
 log = logging.getLogger(__name__)
 
-_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+# ENOSPC: the disk is full; EDQUOT: the user's quota is (not defined on every platform).
+_FULL_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
 
 
 class DiskFullError(TLError, OSError):
@@ -58,6 +60,16 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def is_disk_full(error: BaseException) -> bool:
+    """True when ``error`` says the disk or the user's quota is full (``ENOSPC``, ``EDQUOT``).
+
+    Example:
+        >>> is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
+        True
+    """
+    return isinstance(error, OSError) and error.errno in _FULL_ERRNOS
+
+
 def disk_full_error(path: Path, error: OSError, what: str = "file") -> DiskFullError:
     """A :class:`DiskFullError` naming ``path`` and what to do."""
     return DiskFullError(
@@ -68,6 +80,20 @@ def disk_full_error(path: Path, error: OSError, what: str = "file") -> DiskFullE
         f"--prediction_writer.output, TL_LIGHTNING_CACHE)",
         str(path),
     )
+
+
+def atomic_write_text(
+    path: str | Path, write: Callable[[IO[str]], None], what: str = "file"
+) -> Path:
+    """:func:`atomic_write` for text: ``write`` gets a UTF-8 text file (``newline=""`` for csv)."""
+
+    def write_text(f: IO[bytes]) -> None:
+        text = io.TextIOWrapper(f, encoding="utf-8", newline="")
+        write(text)
+        text.flush()
+        text.detach()  # leave the binary file open: atomic_write fsyncs and closes it
+
+    return atomic_write(path, write_text, what)
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], what: str = "file") -> Path:
@@ -95,7 +121,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], what: str
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno in _FULL_ERRNOS and not isinstance(e, DiskFullError):
+        if is_disk_full(e) and not isinstance(e, DiskFullError):
             raise disk_full_error(path, e, what) from e
         raise
     _fsync_dir(path.parent)

@@ -12,7 +12,6 @@ import csv
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +26,7 @@ from tqdm.auto import tqdm
 from tl_lightning.data.decode import failure_reason
 from tl_lightning.data.listing import IMAGE_EXTENSIONS, class_folders
 from tl_lightning.errors import DataError
+from tl_lightning.file_io import atomic_write_text
 
 SCAN_VERSION = 2  # 2: file permissions are part of the fingerprint
 MANIFEST, SKIPPED, SCAN_INFO = "manifest.csv", "skipped.csv", "scan.json"
@@ -89,17 +89,6 @@ def check_image(
     return None
 
 
-def _write_atomic(path: Path, write: Callable) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _read_cache(
     out_dir: Path, folder: Path, classes: list[str], fingerprint: str
 ) -> ScanResult | None:
@@ -140,11 +129,10 @@ def _write_cache(out_dir: Path, result: ScanResult, fingerprint: str) -> None:
         "skipped": len(result.skipped),
         "fingerprint": fingerprint,
     }
-    _write_atomic(out_dir / MANIFEST, manifest)
-    _write_atomic(out_dir / SKIPPED, skipped)
-    _write_atomic(
-        out_dir / SCAN_INFO, lambda f: json.dump(info, f, indent=1)
-    )  # last: marks it complete
+    atomic_write_text(out_dir / MANIFEST, manifest, "scan manifest")
+    atomic_write_text(out_dir / SKIPPED, skipped, "scan report")
+    # last: marks the scan complete
+    atomic_write_text(out_dir / SCAN_INFO, lambda f: json.dump(info, f, indent=1), "scan info")
 
 
 def scan_image_folder(
