@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ from tl_lightning.data.decode import (
     skip_failed_collate,
 )
 from tl_lightning.data.resumable_sampler import ResumableDataLoader, ResumableRandomSampler
+from tl_lightning.data.source import LabelledImages
 from tl_lightning.data.transforms import (
     AUGMENT_PRESETS,
     batch_mixer,
@@ -27,6 +30,7 @@ from tl_lightning.data.transforms import (
 )
 
 SAMPLERS = (None, "weighted")
+_STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
 
 
 class ResumableSkipFailedDataLoader(SkipFailedDataLoader, ResumableDataLoader):
@@ -114,6 +118,9 @@ class ImageDataModule(LightningDataModule):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
         self._checked_models: set[tuple[int, bool]] = set()  # (model id, predict?)
+        # split -> (images, the features that replaced them): see use_frozen_features()
+        self._image_sets: dict[str, Dataset] = {}
+        self._features: dict[str, Dataset] = {}
 
     # --- what subclasses provide -------------------------------------------------------------
     @property
@@ -140,6 +147,25 @@ class ImageDataModule(LightningDataModule):
     def eval_transform(self, resize: bool = True):
         return eval_transform(self.data_config, self.image_size, resize)
 
+    def transforms_for(self, images: LabelledImages) -> tuple:
+        """``(train, eval)`` transforms for a source's images.
+
+        Photos in files: the backbone's resize + crop recipe. Small in-memory images
+        (``whole_image``): used as they are when already at ``image_size``, otherwise resized
+        whole (no center crop); training crops keep 60-100 % of them, and ``augment: none``
+        trains on the eval pipeline.
+        """
+        if not images.whole_image:
+            return self.train_transform(hflip=images.hflip), self.eval_transform()
+        if images.items.shape[-1] == self.image_size:
+            eval_tf = self.eval_transform(resize=False)
+        else:  # a crop_pct crop would throw away 1/8 of a 32 px object
+            whole = dataclasses.replace(self.data_config, crop_pct=1.0)
+            eval_tf = eval_transform(whole, self.image_size)
+        if self.hparams.augment == "none":
+            return eval_tf, eval_tf
+        return self.train_transform(resize=False, hflip=images.hflip), eval_tf
+
     def _pin_memory(self) -> bool:
         """Pinned host memory only speeds up copies to a GPU: on when the trainer runs on CUDA."""
         trainer = getattr(self, "trainer", None)
@@ -161,6 +187,55 @@ class ImageDataModule(LightningDataModule):
         self._checked_models.add(key)
         check_model_and_data(model, self, stage)
 
+    def use_frozen_features(
+        self, stage: str, embed: Callable[[Dataset, str], Dataset] | None = None
+    ) -> bool:
+        """The one hook a model with a frozen, deterministic backbone calls (from its ``setup``).
+
+        The datamodule owns its datasets and decides: when its train pipeline is deterministic
+        (``augment: none``, no MixUp/CutMix), each split ``stage`` uses is replaced by
+        ``embed(dataset, split)`` (for :class:`~tl_lightning.modules.FeatureExtractionModule`: the
+        features cached once on disk) and ``True`` is returned. The image datasets stay
+        available from :meth:`image_dataset` (for pictures of the data).
+
+        Example:
+            >>> dm.use_frozen_features("fit", lambda dataset, split: cache(dataset))  # doctest: +SKIP
+            True
+        """
+        if embed is None or not self.deterministic_train():
+            return False
+        for split in _STAGE_SPLITS.get(stage, ()):
+            dataset = getattr(self, f"{split}_set")
+            if dataset is not None and dataset is not self._features.get(split):
+                self._image_sets[split] = dataset
+                self._features[split] = embed(dataset, split)
+                setattr(self, f"{split}_set", self._features[split])
+        return True
+
+    def deterministic_train(self) -> bool:
+        """True when a training image maps to the same input every epoch (features can be cached)."""
+        hp = self.hparams
+        return (
+            hp.get("augment", "none") == "none"
+            and not hp.get("mixup_alpha")
+            and not hp.get("cutmix_alpha")
+        )
+
+    def image_dataset(self, split: str) -> Dataset | None:
+        """The image dataset of ``split`` (``train``, ``val``, ``test``), even once its features
+        are served instead."""
+        current = getattr(self, f"{split}_set", None)
+        return self._image_sets[split] if current is self._features.get(split) else current
+
+    def route_skips(self, dataset: Dataset, split: str) -> None:
+        """Images of ``dataset`` that fail to load go to the run's skip log, marked ``split``."""
+        if hasattr(dataset, "skip_log"):
+            log_path = skip_log_path(getattr(self, "trainer", None))
+            if log_path is not None:
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+            dataset.skip_log = str(log_path) if log_path else None
+            dataset.split = split
+
     def _loader(
         self,
         dataset: Dataset | None,
@@ -172,12 +247,7 @@ class ImageDataModule(LightningDataModule):
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__} has no {name} split; call setup() first")
         self.check_model(name)
-        if hasattr(dataset, "skip_log"):  # decode failures go to the run's skip log, by split
-            log_path = skip_log_path(getattr(self, "trainer", None))
-            if log_path is not None:
-                log_path.parent.mkdir(parents=True, exist_ok=True)
-            dataset.skip_log = str(log_path) if log_path else None
-            dataset.split = name
+        self.route_skips(dataset, name)
         kwargs.setdefault("collate_fn", skip_failed_collate)
         return loader_class(
             dataset,

@@ -13,7 +13,7 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 
 from tl_lightning.data.base import ImageDataModule
-from tl_lightning.data.dataset import ImageListDataset
+from tl_lightning.data.dataset import ImageDataset
 from tl_lightning.data.decode import load_rgb
 from tl_lightning.data.download import download_url, extract_archive
 from tl_lightning.data.listing import class_folders
@@ -61,10 +61,8 @@ class ScannedFolderSplits:
     def train_labels(self) -> np.ndarray:
         return np.asarray(self._scan_folder().labels, dtype=np.int64)[self._split()[0]]
 
-    def _dataset(self, part: int, transform) -> ImageListDataset:
-        scan, idx = self._scan_folder(), self._split()[part]
-        paths, labels = scan.paths, np.asarray(scan.labels, dtype=np.int64)
-        return ImageListDataset([paths[i] for i in idx], labels[idx], transform)
+    def _dataset(self, part: int, transform) -> ImageDataset:
+        return self._scan_folder().images().dataset(self._split()[part], transform)
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit", "validate"):

@@ -1,4 +1,9 @@
-"""The datasets behind every datamodule: ``(image, label)`` samples that skip images failing to load."""
+"""The one dataset class: ``(image, target)`` over in-memory images or image files.
+
+A file that fails to decode is never replaced by another sample (whose label would then be
+silently wrong): the dataset returns a :class:`~tl_lightning.data.decode.FailedSample`, the
+collate drops it from its batch and the run's skip log (``skipped_images.csv``) records it.
+"""
 
 from __future__ import annotations
 
@@ -21,16 +26,49 @@ from tl_lightning.data.listing import IMAGE_EXTENSIONS, list_images
 from tl_lightning.errors import DataError
 
 
-class SkippingDataset(Dataset):
-    """Base of datasets that decode files: ``load(path)`` gives an image or a :class:`FailedSample`.
+class ImageDataset(Dataset):
+    """``(transform(image), label)`` for ``items``: a uint8 ``[N, 3, H, W]`` tensor or image paths.
 
-    The datamodule sets ``skip_log`` (the run's CSV) and ``split`` before the loader is built.
+    Files are decoded with :func:`~tl_lightning.data.decode.load_rgb` when read; one that fails
+    yields a :class:`FailedSample` and a line in ``skip_log`` (set with ``split`` by the
+    datamodule before its loader is built). ``labels`` are class indices (or any per-item
+    target, such as the path for predictions).
+
+    Example:
+        >>> ds = ImageDataset(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), np.array([0, 1]))
+        >>> image, label = ds[1]
+        >>> tuple(image.shape), label
+        ((3, 8, 8), 1)
     """
 
     skip_log: str | None = None
     split: str = "data"
 
+    def __init__(self, items: torch.Tensor | Sequence[str | Path], labels, transform=None):
+        if len(items) != len(labels):
+            raise ValueError(f"{len(items)} items but {len(labels)} labels")
+        self.items = items if isinstance(items, torch.Tensor) else [Path(p) for p in items]
+        self.labels = labels
+        self.transform = transform
+
+    # the items by their kind, for readers that know which they hold
+    @property
+    def images(self) -> torch.Tensor:
+        return self.items
+
+    @images.setter
+    def images(self, value: torch.Tensor) -> None:
+        self.items = value
+
+    @property
+    def paths(self) -> list[Path]:
+        return self.items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
     def load(self, path: str | Path) -> Image.Image | torch.Tensor | FailedSample:
+        """The decoded image, or a :class:`FailedSample` recorded in the skip log."""
         try:
             return load_rgb(path)
         except DECODE_ERRORS as e:
@@ -38,12 +76,18 @@ class SkippingDataset(Dataset):
             record_skip(self.skip_log, self.split, path, reason)
             return FailedSample(str(path), reason)
 
+    def __getitem__(self, index: int):
+        item = self.items[index]
+        image = item if isinstance(item, torch.Tensor) else self.load(item)
+        if isinstance(image, FailedSample):
+            return image
+        label = self.labels[index]
+        label = int(label) if isinstance(label, int | np.integer) else label
+        return (self.transform(image) if self.transform else image), label
 
 
-class ImageFilesDataset(SkippingDataset):
-    """Every image file under a folder, transformed, as ``(image, path)``.
-
-    An unreadable file yields a :class:`FailedSample`; use with :func:`skip_failed_collate`.
+class ImageFilesDataset(ImageDataset):
+    """Every image file under a folder, transformed, as ``(image, path)`` (for predictions).
 
     Example:
         >>> ds = ImageFilesDataset("my_images/", transform=None)  # doctest: +SKIP
@@ -51,76 +95,14 @@ class ImageFilesDataset(SkippingDataset):
     """
 
     def __init__(self, root: str | Path, transform=None):
-        self.files = list_images(root)
-        if not self.files:
+        files = list_images(root)
+        if not files:
             raise DataError(
                 f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under '{root}'; "
                 f"point it at a folder that holds image files"
             )
-        self.transform = transform
+        super().__init__(files, [str(p) for p in files], transform)
 
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int):
-        path = self.files[index]
-        image = self.load(path)
-        if isinstance(image, FailedSample):
-            return image
-        return (self.transform(image) if self.transform else image), str(path)
-
-
-
-class ImageListDataset(SkippingDataset):
-    """``(transform(image), label)`` over scanned image files, decoded with :func:`load_rgb`.
-
-    A file that loaded at scan time but fails now (changed, removed, made unreadable) yields a
-    :class:`FailedSample`: the collate drops it and the run's skip log records it.
-
-    Example:
-        >>> ds = ImageListDataset([Path("cat/1.jpg")], np.array([0]))  # doctest: +SKIP
-        >>> image, label = ds[0]  # doctest: +SKIP
-    """
-
-    def __init__(self, paths: list[Path], labels: np.ndarray, transform=None):
-        self.paths, self.labels, self.transform = paths, labels, transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int):
-        image = self.load(self.paths[index])
-        if isinstance(image, FailedSample):
-            return image
-        return (self.transform(image) if self.transform else image), int(self.labels[index])
-
-
-
-class TensorImageDataset(Dataset):
-    """``(transform(image), label)`` over an in-memory uint8 image tensor."""
-
-    def __init__(self, images: torch.Tensor, labels: np.ndarray, transform=None):
-        self.images, self.labels, self.transform = images, labels, transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int):
-        image = self.images[index]
-        return (self.transform(image) if self.transform else image), int(self.labels[index])
-
-
-class LabelledFilesDataset(Dataset):
-    """``(transform(load_rgb(file)), label)`` over a list of image files."""
-
-    def __init__(self, files: Sequence[str | Path], labels: np.ndarray, transform=None):
-        self.files, self.labels, self.transform = list(files), labels, transform
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int):
-        image = load_rgb(self.files[index])
-        return (self.transform(image) if self.transform else image), int(self.labels[index])
-
-
+    @property
+    def files(self) -> list[Path]:
+        return self.items

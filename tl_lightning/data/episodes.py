@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import BatchSampler, Dataset, DistributedSampler, default_collate
 
+from tl_lightning.data.decode import is_failed
+
 
 class EpisodicBatchSampler(BatchSampler):
     """Yields episodes as index lists: ``way`` classes x (``shot`` support + ``query`` query) samples.
@@ -134,7 +136,9 @@ class EpisodicBatchSampler(BatchSampler):
 class EpisodeCollate:
     """Sampler-ordered samples -> ``(support, support_labels, query, query_labels)``.
 
-    Labels are the dataset's original class ids; the model remaps them to ``0..N-1``.
+    An episode with an image that failed to load becomes ``[]``, which
+    :class:`~tl_lightning.data.decode.SkipFailedDataLoader` skips: a missing image would unbalance
+    the episode, and a replacement would carry a wrong label. Labels are the dataset's original class ids; the model remaps them to ``0..N-1``.
     Inputs are images ``[N, C, H, W]``, or int64 dataset indices ``[N]`` from an
     :class:`IndexDataset` (cached-embedding evaluation). With ``query`` given, the samples are
     several whole episodes (``episodes_per_batch``) and every output gains a leading episode
@@ -148,6 +152,8 @@ class EpisodeCollate:
     def __call__(
         self, samples: list
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        if any(is_failed(s) for s in samples):
+            return []  # an image failed to load (reported in the skip log): drop the episode
         x, y = default_collate(samples)
         k = self.n_support
         if self.episode_size is not None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,17 +13,60 @@ from torch.utils.data import DataLoader, Dataset
 
 from tl_lightning.backbones import conv4 as _conv4  # noqa: F401  (registers the default backbone)
 from tl_lightning.data.base import ImageDataModule
-from tl_lightning.data.cifar10 import CIFAR10_CLASSES
-from tl_lightning.data.dataset import LabelledFilesDataset, TensorImageDataset
-from tl_lightning.data.digits import load_digits_images
+from tl_lightning.data.cifar10 import CIFAR10_CLASSES, download_cifar10, load_cifar10
+from tl_lightning.data.decode import SkipFailedDataLoader
+from tl_lightning.data.digits import DIGITS_CLASSES, load_digits
 from tl_lightning.data.episodes import EpisodeCollate, EpisodicBatchSampler, IndexDataset
-from tl_lightning.data.listing import list_images
+from tl_lightning.data.flowers102 import (
+    FLOWERS102_CLASSES,
+    download_flowers102,
+    load_flowers102,
+)
+from tl_lightning.data.image_folder import folder_classes, load_image_folder
+from tl_lightning.data.source import LabelledImages
 from tl_lightning.data.split import stratified_split
-from tl_lightning.errors import DataError
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("digits", "cifar10", "flowers102", "folder")
+
+@dataclass(frozen=True)
+class FewShotSource:
+    """A dataset episodes can be drawn from: its loader, its class names, its default class split.
+
+    ``class_fractions=None``: classes 0-4 train, 5-9 validate and test (on disjoint halves of
+    their images); otherwise a seeded permutation of the classes, these train/val shares.
+    """
+
+    load: Callable[[Path, bool, int], LabelledImages]  # (root, download, image_size)
+    class_names: Callable[[Path], list[str]]
+    class_fractions: tuple[float, float] | None
+
+
+def _cifar10(root: Path, download: bool, image_size: int) -> LabelledImages:
+    if download:
+        download_cifar10(root)
+    return load_cifar10(root, download=download)
+
+
+def _flowers102(root: Path, download: bool, image_size: int) -> LabelledImages:
+    if download:
+        download_flowers102(root)
+    return load_flowers102(root, download)
+
+
+FEW_SHOT_SOURCES: dict[str, FewShotSource] = {
+    "digits": FewShotSource(
+        lambda root, download, size: load_digits(size), lambda root: list(DIGITS_CLASSES), None
+    ),
+    "cifar10": FewShotSource(_cifar10, lambda root: list(CIFAR10_CLASSES), None),
+    "flowers102": FewShotSource(
+        _flowers102, lambda root: list(FLOWERS102_CLASSES), (62 / 102, 20 / 102)
+    ),
+    "folder": FewShotSource(
+        lambda root, download, size: load_image_folder(root), folder_classes, (0.6, 0.2)
+    ),
+}
+
 
 class FewShotDataModule(ImageDataModule):
     """Episodes over *disjoint class splits*: train, validate and test on different classes.
@@ -91,8 +136,10 @@ class FewShotDataModule(ImageDataModule):
         seed: int = 0,
         eval_episodes_per_batch: int = 100,
     ):
-        if dataset not in DATASETS:
-            raise ValueError(f"unknown few-shot dataset '{dataset}'; valid: {list(DATASETS)}")
+        if dataset not in FEW_SHOT_SOURCES:
+            raise ValueError(
+                f"unknown few-shot dataset '{dataset}'; valid: {list(FEW_SHOT_SOURCES)}"
+            )
         super().__init__(
             backbone=backbone,
             weights=weights,
@@ -105,12 +152,15 @@ class FewShotDataModule(ImageDataModule):
             raise ValueError(f"eval_episodes_per_batch must be >= 1, got {eval_episodes_per_batch}")
         self.save_hyperparameters()  # only this class's arguments (the base's batch_size etc. do not apply)
         self.dataset = dataset
+        self.source = FEW_SHOT_SOURCES[dataset]
         self.root = Path(root)
         self.way, self.shot, self.query = way, shot, query
         self.train_way = train_way or way
         self.train_shot = train_shot or shot
         self.train_query = query if train_query is None else train_query
         self._names: list[str] | None = None
+        self._data: LabelledImages | None = None
+        self._index_episodes = False  # set through use_frozen_features()
         self._labels: np.ndarray | None = None
         self._parts: dict[str, np.ndarray] | None = None
 
@@ -124,25 +174,8 @@ class FewShotDataModule(ImageDataModule):
     def class_names(self) -> list[str]:
         """Names of all the dataset's class ids (the labels episodes carry)."""
         if self._names is None:
-            if self.dataset == "digits":
-                self._names = [str(i) for i in range(10)]
-            elif self.dataset == "cifar10":
-                self._names = list(CIFAR10_CLASSES)
-            elif self.dataset == "flowers102":
-                self._names = [str(i) for i in range(102)]
-            else:
-                self._names = self._folder_classes()
+            self._names = self.source.class_names(self.root)
         return self._names
-
-    def _folder_classes(self) -> list[str]:
-        if not self.root.is_dir():
-            raise FileNotFoundError(
-                f"few-shot folder '{self.root}' does not exist (expected root/<class>/*.jpg)"
-            )
-        names = sorted(p.name for p in self.root.iterdir() if p.is_dir())
-        if not names:
-            raise DataError(f"no class folders under '{self.root}' (expected root/<class>/*.jpg)")
-        return names
 
     def _class_ids(self, given: list[int | str] | None, default: list[int], what: str) -> list[int]:
         if given is None:
@@ -163,7 +196,8 @@ class FewShotDataModule(ImageDataModule):
     def class_splits(self) -> dict[str, list[int]]:
         """``{"train": [...], "val": [...], "test": [...]}`` class ids after defaults and overrides."""
         n = len(self.class_names)
-        if self.dataset in ("digits", "cifar10"):
+        fractions = self.source.class_fractions
+        if fractions is None:
             defaults = {
                 "train": list(range(5)),
                 "val": list(range(5, 10)),
@@ -171,7 +205,6 @@ class FewShotDataModule(ImageDataModule):
             }
         else:
             perm = np.random.default_rng(self.hparams.seed).permutation(n).tolist()
-            fractions = (0.6, 0.2) if self.dataset == "folder" else (62 / 102, 20 / 102)
             a, b = round(fractions[0] * n), round((fractions[0] + fractions[1]) * n)
             defaults = {
                 "train": sorted(perm[:a]),
@@ -196,64 +229,10 @@ class FewShotDataModule(ImageDataModule):
 
     # --- data ------------------------------------------------------------------------------
     def _load(self) -> None:
-        """Labels of the whole dataset (and what it takes to build image datasets over indices)."""
-        if self._labels is not None:
-            return
-        if self.dataset == "digits":
-            self._images, self._labels = load_digits_images(self.image_size)
-        elif self.dataset == "cifar10":
-            self._images, self._labels = self._load_cifar10()
-        elif self.dataset == "flowers102":
-            self._files, self._labels = self._load_flowers102()
-        else:
-            self._files, self._labels = self._load_folder()
-
-    def _missing(self, e: Exception) -> FileNotFoundError:
-        return FileNotFoundError(
-            f"{self.dataset} not found under '{self.root}' ({e}); pass download: true "
-            f"(data.init_args.download) or point root at the extracted dataset"
-        )
-
-    def _load_cifar10(self) -> tuple[torch.Tensor, np.ndarray]:
-        from torchvision.datasets import CIFAR10
-
-        try:
-            parts = [
-                CIFAR10(str(self.root), train=t, download=self.hparams.download)
-                for t in (True, False)
-            ]
-        except RuntimeError as e:
-            raise self._missing(e) from e
-        images = (
-            torch.from_numpy(np.concatenate([p.data for p in parts]))
-            .permute(0, 3, 1, 2)
-            .contiguous()
-        )
-        labels = np.concatenate([np.asarray(p.targets, dtype=np.int64) for p in parts])
-        return images, labels
-
-    def _load_flowers102(self) -> tuple[list[Path], np.ndarray]:
-        from torchvision.datasets import Flowers102
-
-        try:
-            parts = [
-                Flowers102(str(self.root), split=s, download=self.hparams.download)
-                for s in ("train", "val", "test")
-            ]
-        except RuntimeError as e:
-            raise self._missing(e) from e
-        files = [Path(f) for p in parts for f in p._image_files]
-        return files, np.concatenate([np.asarray(p._labels, dtype=np.int64) for p in parts])
-
-    def _load_folder(self) -> tuple[list[Path], np.ndarray]:
-        files, labels = [], []
-        for i, name in enumerate(self.class_names):
-            found = list_images(self.root / name)
-            files += found
-            labels += [i] * len(found)
-        if not files:
-            raise DataError(f"no images under the class folders of '{self.root}'")
-        return files, np.asarray(labels, dtype=np.int64)
+        """The whole dataset, once (episodes index into it)."""
+        if self._data is None:
+            self._data = self.source.load(self.root, self.hparams.download, self.image_size)
+            self._labels = self._data.labels
 
     def _split_indices(self) -> dict[str, np.ndarray]:
         if self._parts is None:
@@ -275,17 +254,8 @@ class FewShotDataModule(ImageDataModule):
         return self._parts
 
     def _dataset(self, indices: np.ndarray, train: bool) -> Dataset:
-        resize = self.dataset != "digits"  # digits are rendered at image_size already
-        hflip = self.dataset not in ("digits",)
-        tf = (
-            self.train_transform(resize=resize, hflip=hflip)
-            if train
-            else self.eval_transform(resize=resize)
-        )
-        labels = self._labels[indices]
-        if self.dataset in ("digits", "cifar10"):
-            return TensorImageDataset(self._images[indices], labels, tf)
-        return LabelledFilesDataset([self._files[i] for i in indices], labels, tf)
+        train_tf, eval_tf = self.transforms_for(self._data)
+        return self._data.dataset(indices, train_tf if train else eval_tf)
 
     def split_labels(self, split: str) -> np.ndarray:
         """Dataset class ids of every sample in ``split`` (``train``, ``val`` or ``test``)."""
@@ -295,10 +265,24 @@ class FewShotDataModule(ImageDataModule):
         return self.split_labels("train")
 
     def setup(self, stage: str | None = None) -> None:
+        # image episodes until this run's model asks otherwise (its setup runs after this one)
+        self._index_episodes = False
         parts = self._split_indices()
         self.train_set = self._dataset(parts["train"], train=True)
         self.val_set = self._dataset(parts["val"], train=False)
         self.test_set = self._dataset(parts["test"], train=False)
+
+    def use_frozen_features(
+        self, stage: str, embed: Callable[[Dataset, str], Dataset] | None = None
+    ) -> bool:
+        """The hook of :meth:`ImageDataModule.use_frozen_features` for episodes.
+
+        Validation and test episodes become index episodes, ``eval_episodes_per_batch`` per
+        loader step, over the split's images (``loader.dataset.dataset``): the model embeds
+        those once and looks embeddings up by index. Training episodes stay images.
+        """
+        self._index_episodes = True
+        return True
 
     # --- loaders ---------------------------------------------------------------------------
     def _episodes(self, split: str, dataset: Dataset | None) -> DataLoader:
@@ -313,10 +297,7 @@ class FewShotDataModule(ImageDataModule):
         episodes = self.hparams[f"{split}_episodes"]
         labels = self.split_labels(split)
         offset = {"train": 0, "val": 1, "test": 2}[split]
-        model = (
-            getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
-        )
-        cached = not train and getattr(model, "uses_cached_embeddings", False)
+        cached = not train and self._index_episodes
         if cached:  # the model embeds `dataset` once, then looks embeddings up by index
             dataset = IndexDataset(dataset, labels)
         per_batch = self.hparams.eval_episodes_per_batch if cached else 1
@@ -330,7 +311,8 @@ class FewShotDataModule(ImageDataModule):
             reseed_each_epoch=train,
             episodes_per_batch=per_batch,
         )
-        return DataLoader(
+        self.route_skips(getattr(dataset, "dataset", dataset), split)
+        return SkipFailedDataLoader(
             dataset,
             batch_sampler=sampler,
             collate_fn=EpisodeCollate(way, shot, query if cached else None),

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 
 from tl_lightning.data.decode import failure_reason
 from tl_lightning.data.listing import IMAGE_EXTENSIONS, class_folders
+from tl_lightning.data.source import LabelledImages
 from tl_lightning.errors import DataError
 from tl_lightning.file_io import atomic_write_text
 
@@ -49,6 +51,10 @@ class ScanResult:
     @property
     def labels(self) -> list[int]:
         return [label for _, label in self.valid]
+
+    def images(self) -> LabelledImages:
+        """The files that decoded, as the source a datamodule splits."""
+        return LabelledImages(self.paths, np.asarray(self.labels, dtype=np.int64), self.classes)
 
 
 

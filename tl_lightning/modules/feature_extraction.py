@@ -19,7 +19,6 @@ from tl_lightning.modules.base import ClassifierModule
 # Lightning warns when modules are in eval mode at fit start; here that is the point.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
-_SPLITS = {"fit": ("train_set", "val_set"), "validate": ("val_set",), "test": ("test_set",)}
 
 
 class FeatureExtractionModule(ClassifierModule):
@@ -87,18 +86,13 @@ class FeatureExtractionModule(ClassifierModule):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         datamodule = getattr(self.trainer, "datamodule", None)
-        if not self.hparams.cache_features or datamodule is None:
+        if not self.hparams.cache_features or not hasattr(datamodule, "use_frozen_features"):
             return
-        hp = getattr(datamodule, "hparams", {})
-        if hp.get("augment", "none") != "none" or hp.get("mixup_alpha") or hp.get("cutmix_alpha"):
+        # the datamodule owns its datasets: it swaps in the cached features itself
+        if not datamodule.use_frozen_features(stage, self._cache):
             rank_zero_info(
                 "feature caching off: the train pipeline is random (augment/MixUp/CutMix)"
             )
-            return
-        for split in _SPLITS.get(stage, ()):
-            dataset = getattr(datamodule, split, None)
-            if dataset is not None and not isinstance(dataset, FeatureDataset):
-                setattr(datamodule, split, self._cache(dataset, split))
 
     def _cache(self, dataset, split: str) -> FeatureDataset:
         transform = getattr(dataset, "transform", None)
@@ -122,7 +116,7 @@ class FeatureExtractionModule(ClassifierModule):
             batch_size=self.hparams.cache_batch_size or data_batch or 128,
             device=trainer.strategy.root_device,
             forward_context=trainer.precision_plugin.forward_context,
-            desc=f"caching {split.removesuffix('_set')} features",
+            desc=f"caching {split} features",
         )
         self.backbone.to(trainer.strategy.root_device)
         if trainer.is_global_zero:

@@ -282,6 +282,9 @@ class ProtoNetModule(TransferModule):
     def setup(self, stage: str) -> None:
         if self.hparams.channels_last:
             self.backbone.to(memory_format=torch.channels_last)
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
+        if self.uses_cached_embeddings and hasattr(datamodule, "use_frozen_features"):
+            datamodule.use_frozen_features(stage)  # evaluation: embed each split once
 
     def train(self, mode: bool = True) -> ProtoNetModule:
         super().train(mode)
