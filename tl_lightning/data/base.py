@@ -120,6 +120,7 @@ class ImageDataModule(LightningDataModule):
         self._checked_models: set[tuple[int, bool]] = set()  # (model id, predict?)
         # split -> (images, the features that replaced them): see use_frozen_features()
         self._image_sets: dict[str, Dataset] = {}
+        self._skip_trainer, self._skip_role = None, ""  # see log_skips_to()
         self._features: dict[str, Dataset] = {}
 
     # --- what subclasses provide -------------------------------------------------------------
@@ -227,14 +228,19 @@ class ImageDataModule(LightningDataModule):
         current = getattr(self, f"{split}_set", None)
         return self._image_sets[split] if current is self._features.get(split) else current
 
+    def log_skips_to(self, trainer, role: str = "") -> None:
+        """Write this datamodule's skip log into ``trainer``'s run folder, splits named
+        ``{role}_{split}`` (for a datamodule inside another one, which the trainer does not attach)."""
+        self._skip_trainer, self._skip_role = trainer, role
+
     def route_skips(self, dataset: Dataset, split: str) -> None:
         """Images of ``dataset`` that fail to load go to the run's skip log, marked ``split``."""
         if hasattr(dataset, "skip_log"):
-            log_path = skip_log_path(getattr(self, "trainer", None))
+            log_path = skip_log_path(self._skip_trainer or getattr(self, "trainer", None))
             if log_path is not None:
                 log_path.parent.mkdir(parents=True, exist_ok=True)
             dataset.skip_log = str(log_path) if log_path else None
-            dataset.split = split
+            dataset.split = f"{self._skip_role}_{split}" if self._skip_role else split
 
     def _loader(
         self,
