@@ -14,16 +14,13 @@ import re
 
 from lightning.pytorch.cli import LightningArgumentParser
 
+from tl_lightning.errors import did_you_mean
+
 _UNKNOWN_OPTION = re.compile(r"Option '([\w.]+)' is not accepted")
 _UNKNOWN_TOP = re.compile(r"does not accept option '([\w.]+)'")
 _CLASS_PATH = re.compile(r"class_path[ =]'([\w.]+)'")
 _WRONG_TYPE = re.compile(r'Parser key "([\w.]+)":\s*Expected a <class \'(\w+)\'>\. Got value: (.*)')
 _NO_ATTRIBUTE = re.compile(r"module '([\w.]+)' has no attribute '(\w+)'")
-
-
-def _did_you_mean(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=3, cutoff=0.5)
-    return f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
 
 
 def init_parameters(class_path: str) -> list[str]:
@@ -68,14 +65,14 @@ def explain_parse_error(message: str, top_level_keys: list[str] | None = None) -
             continue
         cp, params = best
         hints.append(
-            f"unknown option '{option}' for {cp}; {_did_you_mean(option, params)}"
+            f"unknown option '{option}' for {cp}; {did_you_mean(option, params, cutoff=0.5)}"
             f"valid options: {', '.join(params)}"
         )
     for key in dict.fromkeys(_UNKNOWN_TOP.findall(message)):
         head = key.split(".")[0]
         choices = top_level_keys or []
         hints.append(
-            f"unknown key '{head}'; {_did_you_mean(head, choices)}"
+            f"unknown key '{head}'; {did_you_mean(head, choices, cutoff=0.5)}"
             + (f"valid top-level keys: {', '.join(choices)}" if choices else "")
         )
     for key, typ, value in _WRONG_TYPE.findall(message):
@@ -85,7 +82,7 @@ def explain_parse_error(message: str, top_level_keys: list[str] | None = None) -
             names = [n for n in dir(importlib.import_module(module_name)) if not n.startswith("_")]
         except ImportError:
             names = []
-        hints.append(f"no class '{attr}' in {module_name}; {_did_you_mean(attr, names)}".rstrip())
+        hints.append(f"no class '{attr}' in {module_name}; {did_you_mean(attr, names, cutoff=0.5)}".rstrip())
     return "\n".join(hints)
 
 

@@ -79,6 +79,8 @@ def check_input_size(
     A forward pass on one blank image in eval mode (cheap, no BN statistics change); on failure,
     the smallest of 2x, 4x, ... the size that works is suggested.
     """
+    if getattr(backbone, "probed_size", None) == image_size:
+        return  # the backbone's own probe ran a forward pass at this size when it was built
     was_training = backbone.training
     backbone.eval()
     try:

@@ -152,6 +152,7 @@ class Backbone(nn.Module):
         size = self.data_config.input_size if self.data_config.fixed_input_size else 64
         dim = self(torch.zeros(1, 3, size, size)).shape[-1]
         self.train(was_training)
+        self.probed_size = size  # the input size known to work: checks need not probe again
         return int(dim)
 
     # --- groups -----------------------------------------------------------------------------
