@@ -43,6 +43,7 @@ class BNPolicy(str, Enum):
 
 
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+BN_POLICIES = tuple(p.value for p in BNPolicy)  # the one BatchNorm vocabulary
 _BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
 
