@@ -79,7 +79,7 @@ class ScannedFolderSplits:
 class CatsDogsDataModule(ScannedFolderSplits, ImageDataModule):
     """Cats vs Dogs from Microsoft's ``kagglecatsanddogs_5340.zip``, or your own ``{class}/*.jpg`` folder.
 
-    The archive (25,000 photos in ``PetImages/Cat`` and ``PetImages/Dog``, some of them empty or
+    The archive (25,000 photos and a ``Thumbs.db`` in ``PetImages/Cat`` and ``PetImages/Dog``, some empty or
     broken) is downloaded to ``{root}/cats_dogs/``, sha256-verified and extracted safely. Every
     file is then decoded once: valid ones are listed in ``manifest.csv`` and the rest in
     ``skipped.csv`` with the reason (empty, truncated, undecodable, not an image file), both next
