@@ -21,6 +21,11 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 
 from tl_lightning.file_io import atomic_write
+from tl_lightning.lightning_compat import (
+    choose_logger_version,
+    configured_checkpoint_io,
+    logger_version_chosen,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +56,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def use_atomic_checkpoint_io(trainer: Any) -> None:
     """Give ``trainer`` an :class:`AtomicCheckpointIO` unless it was configured with another one."""
     strategy = trainer.strategy
-    current = getattr(strategy, "_checkpoint_io", None)
+    current = configured_checkpoint_io(strategy)
     if current is None or type(current) is TorchCheckpointIO:
         strategy.checkpoint_io = AtomicCheckpointIO()
 
@@ -78,7 +83,7 @@ def resolve_last(trainer: Any, ckpt_path: str | None) -> str | None:
     if not found:
         return ckpt_path
     newest = max(found, key=lambda p: p.stat().st_mtime)
-    if getattr(logger, "_version", "") is None:  # not yet chosen: log into the resumed run's folder
-        logger._version = newest.parent.parent.name
+    if not logger_version_chosen(logger):  # log into the resumed run's folder
+        choose_logger_version(logger, newest.parent.parent.name)
     log.info("resuming from %s", newest)
     return str(newest)

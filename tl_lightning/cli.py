@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, _get_short_description
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.tuner import Tuner
 
 from tl_lightning.callbacks import CSVPredictionWriter, LRMonitor
@@ -22,6 +22,7 @@ from tl_lightning.checkpoint_safety import (
 )
 from tl_lightning.cli_errors import ConfigErrorParser
 from tl_lightning.config_checks import check_backbone_config
+from tl_lightning.lightning_compat import short_description
 from tl_lightning.precision import TLTrainer
 
 
@@ -58,7 +59,7 @@ class TLCLI(LightningCLI):
         parser_subcommands = parser.add_subcommands()
         for subcommand in self.subcommands():
             klass = Tuner if subcommand == "lr_find" else self.trainer_class
-            description = _get_short_description(getattr(klass, subcommand))
+            description = short_description(getattr(klass, subcommand))
             subparser_kwargs = kwargs.get(subcommand, {})
             subparser_kwargs.setdefault("description", description)
             subcommand_parser = self._prepare_subcommand_parser(

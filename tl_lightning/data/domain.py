@@ -7,13 +7,13 @@ from typing import Any
 
 import numpy as np
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
 from tl_lightning.data.base import ImageDataModule
 from tl_lightning.data.decode import SkipFailedDataLoader, is_failed, skip_failed_collate
 from tl_lightning.errors import DataError
+from tl_lightning.lightning_compat import own_hyperparameters
 
 PASSED_DOWN = ("backbone", "weights", "image_size", "batch_size")
 
@@ -59,13 +59,8 @@ def _build(spec: dict | ImageDataModule, shared: dict[str, Any], role: str) -> I
         )
     init_args = dict(spec.get("init_args") or {})
     init_args.update({k: v for k, v in shared.items() if v is not None or k == "weights"})
-    # LightningCLI hands the *outer* config to every save_hyperparameters() called while it builds
-    # this datamodule; clear it so the inner datamodule records its own arguments.
-    token = _given_hyperparameters.set(None)
-    try:
+    with own_hyperparameters():  # not the outer config LightningCLI is instantiating
         return cls(**init_args)
-    finally:
-        _given_hyperparameters.reset(token)
 
 
 class DomainAdaptationDataModule(LightningDataModule):
