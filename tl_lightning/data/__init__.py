@@ -3,6 +3,7 @@
 from tl_lightning.data.base import ImageDataModule
 from tl_lightning.data.cats_dogs import CatsDogsDataModule
 from tl_lightning.data.cifar10 import CIFAR10DataModule
+from tl_lightning.data.dataset import ImageDataset
 from tl_lightning.data.digits import DigitsDataModule
 from tl_lightning.data.digits_m import DigitsMDataModule
 from tl_lightning.data.domain import DomainAdaptationDataModule
@@ -12,6 +13,7 @@ from tl_lightning.data.few_shot_predict import FewShotPredictDataModule
 from tl_lightning.data.flowers102 import Flowers102DataModule
 from tl_lightning.data.image_folder import ImageFolderDataModule
 from tl_lightning.data.resumable_sampler import ResumableDataLoader, ResumableRandomSampler
+from tl_lightning.data.source import LabelledImages
 from tl_lightning.data.split import stratified_split
 
 __all__ = [
@@ -25,7 +27,9 @@ __all__ = [
     "FewShotPredictDataModule",
     "Flowers102DataModule",
     "ImageDataModule",
+    "ImageDataset",
     "ImageFolderDataModule",
+    "LabelledImages",
     "ResumableDataLoader",
     "ResumableRandomSampler",
     "stratified_split",
