@@ -55,5 +55,8 @@ def test_overridden_cli_internals_still_exist():
     for name in ("_add_subcommands", "_run_subcommand", "_parse_ckpt_path",
                  "_prepare_subcommand_parser", "_prepare_subcommand_kwargs"):  # fmt: skip
         assert callable(getattr(LightningCLI, name, None)), name
-    assert list(inspect.signature(LightningCLI._run_subcommand).parameters) == ["self", "subcommand"]
+    assert list(inspect.signature(LightningCLI._run_subcommand).parameters) == [
+        "self",
+        "subcommand",
+    ]
     assert short_description(Trainer.fit) == "Runs the full optimization routine."

@@ -14,7 +14,11 @@ from tl_lightning.cli import run_cli
 @pytest.fixture
 def counts(monkeypatch):
     seen = {"lookups": [], "probes": 0}
-    lookup, probe, forward_ok = registry._lookup, Backbone._probe_feature_dim, config_checks._forward_ok
+    lookup, probe, forward_ok = (
+        registry._lookup,
+        Backbone._probe_feature_dim,
+        config_checks._forward_ok,
+    )
 
     def counting_lookup(name):
         seen["lookups"].append(name)

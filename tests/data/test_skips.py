@@ -26,9 +26,7 @@ def attach(dm, tmp_path):
     return dm
 
 
-def test_flowers102_image_broken_after_download_is_skipped_and_logged(
-    flowers102_patched, tmp_path
-):
+def test_flowers102_image_broken_after_download_is_skipped_and_logged(flowers102_patched, tmp_path):
     root = tmp_path / "data"
     shutil.copytree(flowers102_patched.root, root)
     dm = attach(Flowers102DataModule(root=str(root), download=False, **TINY_DATA), tmp_path)
