@@ -158,7 +158,7 @@ class ImageDataModule(LightningDataModule):
         """
         if not images.whole_image:
             return self.train_transform(hflip=images.hflip), self.eval_transform()
-        if images.items.shape[-1] == self.image_size:
+        if images.items.shape[-1] == self.image_size:  # already sized: skip two no-op ops
             eval_tf = self.eval_transform(resize=False)
         else:  # a crop_pct crop would throw away 1/8 of a 32 px object
             whole = dataclasses.replace(self.data_config, crop_pct=1.0)
