@@ -40,7 +40,7 @@ def test_nested_save_hyperparameters_records_its_own_arguments():
 def test_strategy_reports_no_configured_checkpoint_io(tmp_path):
     trainer = Trainer(default_root_dir=tmp_path, logger=False, accelerator="cpu")
     assert configured_checkpoint_io(trainer.strategy) is None
-    trainer.strategy.checkpoint_io  # the public property fills in a default one
+    _ = trainer.strategy.checkpoint_io  # the public property fills in a default one
     assert configured_checkpoint_io(trainer.strategy) is not None
 
 
