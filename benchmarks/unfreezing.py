@@ -10,6 +10,10 @@ method runs in its own process, one after the other, on the same number of threa
     python benchmarks/unfreezing.py --ours '{}' '{"bn": "train"}'   # one row per variant of ours
 
 fastai is imported from ``--fastai-site`` (or the environment) and skipped when missing.
+
+Ours trains its frozen epochs on cached features where that is exact (``cache_frozen``, default;
+``bn: eval``, or ``bn: stats`` after one BatchNorm-statistics pass). Each run starts from an empty
+feature cache (a fresh ``TL_LIGHTNING_CACHE``), so computing the cache is inside its clock.
 """
 
 from __future__ import annotations
@@ -236,6 +240,7 @@ def main() -> None:
     for method, ours in runs:
         label = LABELS[method] + (f" {ours}" if method == "ours" and ours != "{}" else "")
         env = dict(os.environ)
+        env["TL_LIGHTNING_CACHE"] = tempfile.mkdtemp(prefix="tl_unfreezing_cache_")  # cold cache
         if method == "fastai" and args.fastai_site:
             env["PYTHONPATH"] = os.pathsep.join(
                 filter(None, [args.fastai_site, env.get("PYTHONPATH")])

@@ -9,6 +9,19 @@ import torch
 
 
 @pytest.fixture(autouse=True)
+def _isolated_feature_cache(tmp_path_factory, monkeypatch):
+    """Every test caches features in its own temporary folder, never in ``~/.cache``.
+
+    Without this, random-init backbones (a new key each run) grow the user's cache on every run,
+    and a test could pass by reading a cache an earlier test (or older code) wrote.
+    """
+    from tl_lightning.feature_cache import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path_factory.mktemp("feature_cache")))
+    yield
+
+
+@pytest.fixture(autouse=True)
 def _quiet_lightning():
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     yield

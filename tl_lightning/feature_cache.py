@@ -9,6 +9,7 @@ batch, read page by page), keyed by everything that changes them, and returns a 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -30,6 +31,9 @@ from tl_lightning.file_io import disk_full_error, is_disk_full
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "TL_LIGHTNING_CACHE"
+# Part of every cache key: bump it whenever a change to this file alters what a cache holds, so a
+# run never reads a cache written by older code.
+CACHE_FORMAT_VERSION = 2
 
 
 def default_cache_dir() -> Path:
@@ -78,7 +82,35 @@ def dataset_fingerprint(dataset: Dataset, transform_repr: str) -> str:
 
 
 def cache_key(**parts) -> str:
+    """A short hash of everything that changes the cached features, plus the cache format version.
+
+    Example:
+        >>> cache_key(backbone="resnet18", data="abc") == cache_key(data="abc", backbone="resnet18")
+        True
+    """
+    parts = {**parts, "cache_format": CACHE_FORMAT_VERSION}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def reserve_space(path: Path) -> None:
+    """Allocate the blocks of a (sparse) file up front, so a full disk raises ``ENOSPC`` here.
+
+    Writing into a memory map whose pages have no disk blocks behind them kills the process with
+    SIGBUS when the disk fills; ``posix_fallocate`` turns that into an ordinary ``OSError``.
+    Platforms without it (macOS, Windows) keep the sparse file.
+    """
+    fallocate = getattr(os, "posix_fallocate", None)
+    if fallocate is None:
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a filesystem without it (e.g. some NFS)
+            return
+        raise
+    finally:
+        os.close(fd)
 
 
 @torch.inference_mode()
@@ -117,6 +149,7 @@ def _compute(
                 folder / "features.npy", mode="w+", dtype=dtype, shape=(len(dataset), out.shape[1])
             )
             labels = np.empty(len(dataset), dtype=np.int64)
+            reserve_space(folder / "features.npy")
         features[start : start + len(out)] = out
         labels[start : start + len(out)] = y.numpy()
         start += len(out)

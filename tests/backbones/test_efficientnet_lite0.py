@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
+import skimage.data as skimage_data  # a core dependency: the digits-M photos
 import torch
 
 from tl_lightning.backbones import build_backbone
 from tl_lightning.backbones.efficientnet_lite0 import imagenet_state_dict, map_key
 from tl_lightning.data.transforms import eval_transform
-
-skimage_data = pytest.importorskip("skimage.data", reason="scikit-image is a dev dependency")
 
 # ImageNet-1k indices
 TABBY, TIGER_CAT, EGYPTIAN_CAT, ESPRESSO = 281, 282, 285, 967
@@ -29,7 +27,12 @@ def test_chelsea_is_a_cat_and_coffee_an_espresso():
     state = imagenet_state_dict()
     weight, bias = state["classifier.weight"], state["classifier.bias"]
     tf = eval_transform(bb.data_config)
-    photos = torch.stack([tf(torch.from_numpy(getattr(skimage_data, n)()).permute(2, 0, 1)) for n in ("chelsea", "coffee")])
+    photos = torch.stack(
+        [
+            tf(torch.from_numpy(getattr(skimage_data, n)()).permute(2, 0, 1))
+            for n in ("chelsea", "coffee")
+        ]
+    )
     top = (bb(photos) @ weight.T + bias).argmax(dim=1).tolist()
     assert top[0] in (TABBY, TIGER_CAT, EGYPTIAN_CAT)
     assert top[1] == ESPRESSO

@@ -160,7 +160,7 @@ def test_feature_extraction_fit_and_test_write_every_visual(tmp_path):
     acc = events(logger.log_dir)
     tags = acc.Tags()
 
-    for name in ("train/loss_step", "train/acc", "val/loss", "val/acc", "val/f1_macro"):
+    for name in ("train/loss", "train/loss_epoch", "train/acc", "val/loss", "val/acc", "val/f1_macro"):
         assert name in tags["scalars"], name
     assert "lr-AdamW/head" in tags["scalars"]  # per-group LRs by name
     assert "hp_metric" not in tags["scalars"]  # no placeholder metric
@@ -238,7 +238,7 @@ def test_dann_logs_domain_scalars_and_projects_source_and_target(tmp_path):
     fit.fit(model, dm)
     acc = events(logger.log_dir)
     scalars = acc.Tags()["scalars"]
-    for name in ("train/grl_lambda", "train/domain_acc_step", "val/source_acc", "val/target_acc"):
+    for name in ("train/grl_lambda", "train/domain_acc", "train/domain_acc_epoch", "val/source_acc", "val/target_acc"):
         assert name in scalars, name
     assert len(acc.Images("val/confusion_matrix")) == 1  # source val
     assert len(acc.Images("val/predictions")) == 1

@@ -12,6 +12,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch.optim.lr_scheduler import OneCycleLR, ReduceLROnPlateau
+from torch.utils.data import Dataset
 
 from tl_lightning.backbones.backbone import Backbone, BNPolicy
 from tl_lightning.optim import make_scheduler
@@ -39,8 +40,21 @@ class GradualUnfreezing(Callback):
     - frozen BatchNorm layers follow ``bn`` and stay that way after every ``model.train()`` (#15062);
     - under DDP (``ddp_safe``, the default there) frozen params keep ``requires_grad=True`` so DDP
       syncs them once they unfreeze, and their gradients are dropped before each step (#20340);
-    - while the backbone is frozen no autograd graph is built through it: a frozen epoch costs
-      about what a feature-extraction epoch costs.
+    - while the backbone is frozen no autograd graph is built through it, and with
+      ``cache_frozen`` the frozen epochs train the head on features computed once (below).
+
+    **Cached frozen phase.** While no backbone group is trainable, the frozen backbone maps each
+    image to the same features every epoch when ``bn`` is ``eval``, the backbone has no active
+    dropout / drop-path, and the train pipeline is deterministic (``augment: none``, no
+    MixUp/CutMix). Then (``cache_frozen``, the default) the train and validation features are
+    computed once (the on-disk cache :class:`~tl_lightning.modules.FeatureExtractionModule` uses,
+    so the two share it) and the frozen epochs run on them; the first unfreeze switches back to
+    images. Same batches, same order, same head weights as the uncached path (tested); a run
+    resumed inside the frozen phase reads the cache again. With ``bn: stats`` the BatchNorm
+    statistics are first estimated once over the train images (see
+    :meth:`_estimate_bn_statistics`; not the uncached numbers, which move every batch). Off under
+    DDP (the backbone would get no gradients for DDP to reduce) and, with a reason logged,
+    whenever a condition fails.
 
     Args:
         unfreeze_at_epoch: unfreeze all groups at this epoch.
@@ -63,6 +77,7 @@ class GradualUnfreezing(Callback):
         restart_schedule: rebuild the module's step-interval LR scheduler at each milestone over
             the steps to the next one, so each phase gets its own cycle (fastai's ``fine_tune``).
         log_lrs: log ``unfreezing/phase`` and ``unfreezing/lr/<group>`` at each epoch start.
+        cache_frozen: train the frozen epochs on cached features where that is exact (above).
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -87,6 +102,7 @@ class GradualUnfreezing(Callback):
         ddp_safe: bool | None = None,
         restart_schedule: bool = False,
         log_lrs: bool = True,
+        cache_frozen: bool = True,
     ):
         given = [x is not None for x in (unfreeze_at_epoch, every_n_epochs, milestones)]
         if sum(given) > 1:
@@ -130,6 +146,8 @@ class GradualUnfreezing(Callback):
         self.ddp_safe = ddp_safe
         self.restart_schedule = restart_schedule
         self.log_lrs = log_lrs
+        self.cache_frozen = cache_frozen
+        self._switchable: list[FrozenPhaseDataset] = []  # the datamodule's train/val sets, wrapped
         # persisted (state_dict): when each group unfroze, which phase the scheduler was built for
         self._unfreeze_step: dict[str, int] = {}
         self._sched_phase: int | None = None
@@ -197,6 +215,72 @@ class GradualUnfreezing(Callback):
         if hasattr(pl_module, "include_frozen_groups"):
             pl_module.include_frozen_groups = True
         self._apply_freezing(0)
+        self._switchable = []
+        reason = self._why_not_cached(trainer, pl_module)
+        if reason:
+            if self.cache_frozen and self.phase(0) == 0:
+                rank_zero_info(f"GradualUnfreezing: frozen epochs run on images: {reason}")
+            return
+        datamodule = trainer.datamodule
+        for split in ("train_set", "val_set"):
+            dataset = getattr(datamodule, split, None)
+            if dataset is not None and not isinstance(dataset, FrozenPhaseDataset):
+                dataset = FrozenPhaseDataset(dataset, split)
+                setattr(datamodule, split, dataset)
+            if dataset is not None:
+                self._switchable.append(dataset)
+
+    def _why_not_cached(self, trainer: Trainer, pl_module: LightningModule) -> str | None:
+        """Why the frozen phase cannot run on cached features (``None``: it can)."""
+        if not self.cache_frozen:
+            return "cache_frozen=False"
+        if self.phase(0) > 0:
+            return "nothing is frozen at epoch 0"
+        if self.bn not in (BNPolicy.EVAL, BNPolicy.STATS):
+            return (
+                f"bn={self.bn.value} trains frozen BatchNorm layers (eval and stats can be cached)"
+            )
+        if self.ddp_safe or isinstance(trainer.strategy, DDPStrategy):
+            return "DDP expects gradients for the backbone"
+        datamodule = getattr(trainer, "datamodule", None)
+        hp = getattr(datamodule, "hparams", {})
+        if datamodule is None or getattr(datamodule, "train_set", None) is None:
+            return "no datamodule with a train_set"
+        if hp.get("augment", "none") != "none" or hp.get("mixup_alpha") or hp.get("cutmix_alpha"):
+            return "the train pipeline is random (augment/MixUp/CutMix)"
+        stochastic = [
+            name
+            for name, m in self._backbone.named_modules()
+            if any(k in type(m).__name__ for k in ("Drop", "Stochastic"))
+            and float(getattr(m, "p", 0) or 0) > 0
+            or float(getattr(m, "drop_prob", 0.0) or 0.0) > 0
+        ]
+        if stochastic:
+            return f"the backbone has active dropout/drop-path ({stochastic[0]})"
+        if not callable(getattr(pl_module, "features", None)) or not hasattr(pl_module, "hparams"):
+            return f"{type(pl_module).__name__} is not a tl_lightning ClassifierModule"
+        return None
+
+    def _use_cache(self, trainer: Trainer, pl_module: LightningModule, epoch: int) -> None:
+        """Features while nothing is trainable, images from the first unfreeze on."""
+        on = not self.unfrozen_groups(epoch)
+        if on and any(d.features is None for d in self._switchable):
+            from tl_lightning.modules.feature_extraction import cache_split
+
+            if self.bn == BNPolicy.STATS:
+                self._estimate_bn_statistics(trainer, pl_module, self._switchable[0].images)
+            for dataset in self._switchable:
+                features = cache_split(pl_module, dataset.images, dataset.attr_name)
+                if len(features) != len(dataset.images):  # images that failed to load: rows shift
+                    rank_zero_info(
+                        f"GradualUnfreezing: {len(dataset.images) - len(features)} images failed "
+                        "to load; frozen epochs run on images"
+                    )
+                    self._switchable = []
+                    return
+                dataset.features = features
+        for dataset in self._switchable:
+            dataset.use_features.fill_(on)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if len(trainer.optimizers) != 1:
@@ -232,6 +316,8 @@ class GradualUnfreezing(Callback):
             self._unfreeze_step.setdefault(name, step)
         newly = [n for n in self.unfrozen_groups(epoch) if n not in self._announced]
         self._apply_freezing(epoch)
+        if self._switchable:
+            self._use_cache(trainer, pl_module, epoch)
         pl_module.train(pl_module.training)  # re-apply the BN policy to groups that changed
         if self.restart_schedule and self._built_phase != self.phase(epoch):
             self._rebuild_scheduler(trainer, pl_module, epoch, step)
@@ -268,6 +354,53 @@ class GradualUnfreezing(Callback):
         # (no momentum, no weight decay). In ddp_safe mode this is what keeps frozen params fixed.
         for p in self._frozen_params:
             p.grad = None
+
+    @torch.no_grad()
+    def _estimate_bn_statistics(self, trainer: Trainer, pl_module: LightningModule, images) -> None:
+        """``bn: stats`` with a cache: every BatchNorm's statistics, estimated once over the train images.
+
+        Uncached, ``stats`` normalises each frozen-epoch batch by its own statistics while the
+        running ones drift toward the data; features that change every epoch cannot be cached. Here
+        one pass (batch statistics, ``momentum=None``: the running values become the average over
+        all batches, AdaBN's estimate) sets them, and the cached features use them in eval mode.
+        Not the uncached path's numbers, but the same intent: normalisation fitted to this data, so
+        the head sees the same kind of features before and after the unfreeze.
+        """
+        from torch.utils.data import DataLoader
+
+        from tl_lightning.data.decode import skip_failed_collate
+
+        backbone = self._backbone
+        bns = [
+            m for m in backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        ]
+        momenta = [m.momentum for m in bns]
+        device = trainer.strategy.root_device
+        datamodule = trainer.datamodule
+        batch = getattr(datamodule, "batch_size", None) or 64
+        was_training = backbone.training
+        backbone.eval()
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        # shuffled (own generator: the global RNG must not move) so batches mix the classes
+        loader = DataLoader(
+            images,
+            batch_size=batch,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(0),
+            collate_fn=skip_failed_collate,
+        )
+        backbone.to(device)
+        for items in loader:
+            if items:
+                with trainer.precision_plugin.forward_context():
+                    backbone(items[0].to(device))
+        for m, momentum in zip(bns, momenta, strict=True):
+            m.momentum = momentum
+        backbone.train(was_training)
+        pl_module.train(pl_module.training)  # the BN policy again
 
     # --- freezing -----------------------------------------------------------------------------
     def _apply_freezing(self, epoch: int) -> None:
@@ -447,6 +580,11 @@ class GradualUnfreezing(Callback):
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._restored = False
+        datamodule = getattr(trainer, "datamodule", None)
+        for dataset in self._switchable:  # hand the datamodule its image datasets back
+            if getattr(datamodule, dataset.attr_name, None) is dataset:
+                setattr(datamodule, dataset.attr_name, dataset.images)
+        self._switchable = []
 
     # --- checkpointing ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -461,3 +599,53 @@ class GradualUnfreezing(Callback):
         self._sched_phase = state_dict.get("sched_phase")
         self._plain_base = {int(k): v for k, v in state_dict.get("plain_base", {}).items()}
         self._restored = True
+
+
+class FrozenPhaseDataset(Dataset):
+    """A datamodule split that yields its images, or their cached features while ``use_features`` is set.
+
+    The flag is a shared-memory tensor so persistent DataLoader workers see it flip; the DataLoader,
+    its sampler and so the order of batches stay the same across the switch. Other attributes
+    (targets, transform, a skip log...) are the image dataset's, read and written through.
+    """
+
+    _OWN = ("images", "attr_name", "features", "use_features")
+
+    def __init__(self, images: Dataset, attr_name: str):
+        object.__setattr__(self, "images", images)
+        object.__setattr__(self, "attr_name", attr_name)  # where it sits on the datamodule
+        object.__setattr__(self, "features", None)
+        object.__setattr__(self, "use_features", torch.zeros((), dtype=torch.bool).share_memory_())
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _source(self) -> Dataset:
+        return (
+            self.features if self.features is not None and bool(self.use_features) else self.images
+        )
+
+    def __getitem__(self, index: int):
+        return self._source()[index]
+
+    def __getitems__(self, indices: list[int]) -> list:
+        source = self._source()
+        many = getattr(source, "__getitems__", None)
+        return many(indices) if many else [source[i] for i in indices]
+
+    def __getattr__(self, name: str):
+        if name in FrozenPhaseDataset._OWN:  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.images, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in FrozenPhaseDataset._OWN:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.images, name, value)
+
+    def __getstate__(self) -> dict:
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)

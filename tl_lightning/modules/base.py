@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassConfusionMatrix,
@@ -41,14 +42,51 @@ def balanced_class_weights(counts: Sequence[int]) -> torch.Tensor:
     return torch.where(counts_t > 0, weights, torch.zeros_like(weights))
 
 
+# Every epoch value the modules log is already the same on every rank (torchmetrics and log_train
+# reduce over ranks; the unfreezing LRs are equal), so Lightning's advice to add sync_dist=True (a
+# second, lazily timed all_reduce) does not apply.
+warnings.filterwarnings(
+    "ignore",
+    message=r"It is recommended to use `self.log\('(train|val|test|unfreezing)/.*sync_dist=True",
+)
+
+
 class TransferModule(LightningModule):
     """What every tl-lightning module shares: optimizers over named param groups, safe reloading.
 
     Subclasses set ``optimizer_factory``/``scheduler_factory`` and implement :meth:`param_groups`.
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._train_means: dict[str, tuple[MeanMetric, bool]] = {}  # see log_train
+
     def param_groups(self) -> list[dict]:
         raise NotImplementedError
+
+    def log_train(
+        self, name: str, value: torch.Tensor, batch_size: int, prog_bar: bool = False, on_step: bool = True
+    ) -> None:
+        """Log a training value per step as ``name`` and its epoch mean over all ranks.
+
+        The epoch mean is logged as ``<name>_epoch`` (or as ``name`` when ``on_step=False``) from
+        ``on_train_epoch_end``. Not Lightning's ``on_epoch=True, sync_dist=True``: that all_reduce
+        runs lazily in whichever hook first reads the metrics, which on rank 0 is the progress bar's
+        ``on_train_epoch_end`` while the other ranks (bar off) are already in the metrics' all_gather
+        of the module's own hook: mismatched collectives, a DDP hang. A MeanMetric computed here runs
+        its collective at the same point, in the same order, on every rank.
+        """
+        if on_step:
+            self.log(name, value, prog_bar=prog_bar, on_step=True, on_epoch=False, batch_size=batch_size)
+        if name not in self._train_means:  # a plain dict, not submodules: nothing to checkpoint
+            self._train_means[name] = (MeanMetric().to(self.device), on_step)
+        self._train_means[name][0].update(value.detach().float(), weight=batch_size)
+
+    def on_train_epoch_end(self) -> None:
+        for name, (mean, on_step) in self._train_means.items():
+            if mean.update_called:
+                self.log(f"{name}_epoch" if on_step else name, mean.compute())
+            mean.reset()
 
     def configure_optimizers(self) -> Any:
         groups = self.param_groups()
@@ -141,7 +179,9 @@ class ClassifierModule(TransferModule):
 
     # --- network -------------------------------------------------------------------------------
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled backbone features ``[B, D]``."""
+        """Pooled backbone features ``[B, D]``; a 2-D ``x`` already is (a feature cache's batch)."""
+        if x.ndim == 2:
+            return x
         if self.hparams.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.backbone(x)
@@ -195,15 +235,7 @@ class ClassifierModule(TransferModule):
         loss = self.loss(logits, y)
         hard = y.argmax(dim=1) if y.is_floating_point() else y
         self.train_metrics.update(logits.detach(), hard)
-        self.log(
-            "train/loss",
-            loss,
-            prog_bar=True,
-            on_step=True,
-            on_epoch=True,
-            batch_size=len(x),
-            sync_dist=True,  # the epoch mean over all ranks, not rank 0's alone
-        )
+        self.log_train("train/loss", loss, batch_size=len(x), prog_bar=True)
         return loss
 
     def log_epoch_metrics(self, metrics: MetricCollection, prog_bar: bool = False) -> None:
@@ -219,6 +251,7 @@ class ClassifierModule(TransferModule):
         self.log_dict(values, prog_bar=prog_bar)
 
     def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
         self.log_epoch_metrics(self.train_metrics)
 
     def _eval_step(self, batch: Any, stage: str) -> None:

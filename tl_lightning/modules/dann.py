@@ -259,17 +259,10 @@ class DANNModule(ClassifierModule):
         hard = ys.argmax(dim=1) if ys.is_floating_point() else ys
         self.train_metrics.update(logits.detach(), hard)
         domain_acc = ((domain_logits.detach() > 0).float() == domain_target).float().mean()
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
-        self.log("train/class_loss", class_loss, on_step=True, on_epoch=True, batch_size=n)
-        self.log("train/domain_loss", domain_loss, on_step=True, on_epoch=True, batch_size=2 * n)
-        self.log(
-            "train/domain_acc",
-            domain_acc,
-            prog_bar=True,
-            on_step=True,
-            on_epoch=True,
-            batch_size=2 * n,
-        )
+        self.log_train("train/loss", loss, batch_size=n, prog_bar=True)
+        self.log_train("train/class_loss", class_loss, batch_size=n)
+        self.log_train("train/domain_loss", domain_loss, batch_size=2 * n)
+        self.log_train("train/domain_acc", domain_acc, batch_size=2 * n, prog_bar=True)
         self.log("train/grl_lambda", lam, on_step=True, on_epoch=False, batch_size=n)
         self.log("train/lr", self._head_lr(), on_step=True, on_epoch=False, batch_size=n)
         return loss
@@ -303,11 +296,11 @@ class DANNModule(ClassifierModule):
     def on_validation_epoch_end(self) -> None:
         source = self.val_metrics.compute()  # synced across processes by torchmetrics
         self.val_metrics.reset()
-        self.log_dict(source, prog_bar=True, sync_dist=True)
-        self.log("val/source_acc", source["val/acc"], sync_dist=True)
+        self.log_dict(source, prog_bar=True)  # already global: no second reduction
+        self.log("val/source_acc", source["val/acc"])
         if self.val_target_acc.update_called:
             target = self.val_target_acc.compute()
             self.val_target_acc.reset()
-            self.log("val/target_acc", target, prog_bar=True, sync_dist=True)
-            self.log("val/acc_gap", source["val/acc"] - target, sync_dist=True)
+            self.log("val/target_acc", target, prog_bar=True)
+            self.log("val/acc_gap", source["val/acc"] - target)
         super().on_validation_epoch_end()

@@ -363,8 +363,8 @@ class ProtoNetModule(TransferModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         loss, acc = self._episode(batch, "train")
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=1)
-        self.log("train/acc", acc, on_step=False, on_epoch=True, batch_size=1)
+        self.log_train("train/loss", loss, batch_size=1, prog_bar=True)
+        self.log_train("train/acc", acc, batch_size=1, on_step=False)
         return loss if loss.requires_grad else None  # nothing trainable: skip the backward
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
