@@ -213,6 +213,14 @@ class ImageDataModule(LightningDataModule):
                 setattr(self, f"{split}_set", self._features[split])
         return True
 
+    def serve_images(self) -> None:
+        """Undo :meth:`use_frozen_features`: every split serves its images again."""
+        for split, images in self._image_sets.items():
+            if getattr(self, f"{split}_set") is self._features.get(split):
+                setattr(self, f"{split}_set", images)
+        self._image_sets.clear()
+        self._features.clear()
+
     def deterministic_train(self) -> bool:
         """True when a training image maps to the same input every epoch (features can be cached)."""
         hp = self.hparams
