@@ -6,7 +6,7 @@ and sizes, quality 90), then read back through a ``DataLoader`` (batch ``--batch
 normalise, ``tl_lightning.data.transforms.train_transform``):
 
 - PIL: the library's PIL path (full decode, EXIF, RGB) + transforms v2;
-- the library's default ``tl_lightning.data.folder.load_rgb``: JPEGs decoded by TorchCodec
+- the library's default ``tl_lightning.data.decode.load_rgb``: JPEGs decoded by TorchCodec
   (extra ``fast``) to a uint8 tensor, the same transforms v2 on tensors;
 - ``torchvision.io.decode_jpeg`` (deprecated since torchvision 0.29) + the same transforms v2;
 - TorchCodec, batch normalise: crop/flip per item on uint8, ``ToDtype`` + ``Normalize`` once
@@ -40,7 +40,8 @@ from torchvision.transforms import v2
 
 from tl_lightning.backbones import resolve_data_config
 from tl_lightning.data import folder
-from tl_lightning.data.folder import list_images, load_rgb
+from tl_lightning.data.decode import load_rgb
+from tl_lightning.data.listing import list_images
 from tl_lightning.data.transforms import train_transform
 from tl_lightning.modules import FineTuneModule
 

@@ -29,7 +29,8 @@ import warnings
 import torch
 from lightning.pytorch import Trainer, seed_everything
 
-from tl_lightning.data.episodic import EpisodicBatchSampler, FewShotDataModule
+from tl_lightning.data.episodes import EpisodicBatchSampler
+from tl_lightning.data.few_shot import FewShotDataModule
 from tl_lightning.modules.protonet import (
     ProtoNetModule,
     class_prototypes,

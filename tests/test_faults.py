@@ -17,10 +17,11 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.utils.data import TensorDataset
 
 from tl_lightning.callbacks.finite_loss import NonFiniteLossError
-from tl_lightning.checkpoint_io import AtomicCheckpointIO, DiskFullError, atomic_write
+from tl_lightning.checkpoint_io import AtomicCheckpointIO
 from tl_lightning.cli import run_cli
 from tl_lightning.data.resumable_sampler import ResumableDataLoader, ResumableRandomSampler
 from tl_lightning.feature_cache import cached_features
+from tl_lightning.file_io import DiskFullError, atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
 # the quickstart config with a tiny random-init backbone and no feature cache
@@ -211,7 +212,7 @@ def test_sigkill_during_a_write_leaves_the_previous_file(tmp_path):
     child = textwrap.dedent(
         f"""
         import sys, time
-        from tl_lightning.checkpoint_io import atomic_write
+        from tl_lightning.file_io import atomic_write
 
         def slow(f):
             f.write(b"x" * 1_000_000)

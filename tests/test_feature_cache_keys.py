@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from tl_lightning import feature_cache
-from tl_lightning.checkpoint_io import DiskFullError
 from tl_lightning.feature_cache import (
     CACHE_ENV,
     CACHE_FORMAT_VERSION,
@@ -20,6 +19,7 @@ from tl_lightning.feature_cache import (
     cached_features,
     default_cache_dir,
 )
+from tl_lightning.file_io import DiskFullError
 
 
 class _Linear(torch.nn.Module):

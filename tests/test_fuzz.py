@@ -16,10 +16,11 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from tl_lightning.backbones import DataConfig
-from tl_lightning.data.base import carve_val, stratified_split
-from tl_lightning.data.cats_dogs import check_image
-from tl_lightning.data.episodic import EpisodicBatchSampler
-from tl_lightning.data.folder import FailedSample, ImageFilesDataset, load_rgb
+from tl_lightning.data.dataset import ImageFilesDataset
+from tl_lightning.data.decode import FailedSample, load_rgb
+from tl_lightning.data.episodes import EpisodicBatchSampler
+from tl_lightning.data.scan import check_image
+from tl_lightning.data.split import carve_val, stratified_split
 from tl_lightning.data.transforms import eval_transform, train_transform
 
 FAST = settings(

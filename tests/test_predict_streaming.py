@@ -14,8 +14,8 @@ import pytest
 from lightning.pytorch import Callback
 from PIL import Image
 
-from tl_lightning.checkpoint_io import DiskFullError
 from tl_lightning.cli import run_cli
+from tl_lightning.file_io import DiskFullError
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 8

@@ -24,7 +24,7 @@ import tl_lightning.precision as precision
 from tests.helpers import print_config, quick_trainer
 from tl_lightning.cli import run_cli
 from tl_lightning.data import DigitsDataModule
-from tl_lightning.data.folder import ImageFilesDataset
+from tl_lightning.data.dataset import ImageFilesDataset
 from tl_lightning.modules.finetune import FineTuneModule
 from tl_lightning.precision import TLTrainer, mixed_precision_for, resolve_precision
 

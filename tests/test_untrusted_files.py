@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tl_lightning.checkpoint_safety import check_checkpoint, load_checkpoint_safely
 from tl_lightning.cli import run_cli
-from tl_lightning.config_checks import check_checkpoint, load_checkpoint_safely
 from tl_lightning.data.download import extract_archive
 from tl_lightning.errors import UnsafeFileError
 from tl_lightning.modules.feature_extraction import FeatureExtractionModule

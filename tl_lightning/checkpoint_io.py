@@ -1,112 +1,33 @@
-"""Atomic file writes: a kill or a full disk during a write leaves the previous good file.
+"""Atomic checkpoint saves, and ``--ckpt_path last`` found across a logger's run versions.
 
 Lightning 2.6's ``TorchCheckpointIO`` serialises the whole checkpoint into memory, then writes it
 through an fsspec transaction whose temporary file lives in the system temp folder
 (``tempfile.mkstemp()``) and is moved into place with ``shutil.move``: across filesystems that
 move is a copy onto the target (a kill mid-copy truncates ``last.ckpt``), nothing is fsynced, and
-memory peaks at twice the checkpoint size. :func:`atomic_write` instead streams into a temporary
-file next to the target, fsyncs it, and ``os.replace``-s it over the target (atomic on POSIX and
-Windows on the same filesystem), then fsyncs the folder so the rename survives a power cut.
+memory peaks at twice the checkpoint size. :class:`AtomicCheckpointIO` instead streams it with
+:func:`~tl_lightning.file_io.atomic_write` into a temporary file next to the target, fsyncs
+it, and ``os.replace``-s it over the target.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 
-from tl_lightning.errors import TLError
+from tl_lightning.file_io import atomic_write
+from tl_lightning.lightning_compat import (
+    choose_logger_version,
+    configured_checkpoint_io,
+    logger_version_chosen,
+)
 
 log = logging.getLogger(__name__)
-
-_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
-
-
-class DiskFullError(TLError, OSError):
-    """The disk (or quota) filled up while writing a file; the previous file was kept."""
-
-
-def _temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def _remove_stale_temps(path: Path) -> None:
-    """Delete temporaries of ``path`` left by writers that were killed (their pid is gone)."""
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            stale.unlink(missing_ok=True)
-        except OSError:  # alive but not ours (EPERM): leave it
-            pass
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open folders; the rename is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def disk_full_error(path: Path, error: OSError, what: str = "file") -> DiskFullError:
-    """A :class:`DiskFullError` naming ``path`` and what to do."""
-    return DiskFullError(
-        error.errno,
-        f"disk full while writing {what} '{path}' ({error.strerror or error}); the previous "
-        f"file, if any, was kept and no partial file was left. Free space on "
-        f"{path.parent} or write elsewhere (e.g. --checkpoint.dirpath, "
-        f"--prediction_writer.output, TL_LIGHTNING_CACHE)",
-        str(path),
-    )
-
-
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], what: str = "file") -> Path:
-    """Call ``write(f)`` on a temporary file beside ``path``, fsync it, and rename it to ``path``.
-
-    On any failure (an exception, a full disk) the temporary file is removed and ``path`` keeps
-    its previous content; a full disk raises :class:`DiskFullError` naming the path. A process
-    killed mid-write leaves only a hidden ``.<name>.tmp-<pid>`` file, removed by the next write.
-
-    Example:
-        >>> import tempfile
-        >>> target = Path(tempfile.mkdtemp()) / "hello.txt"
-        >>> atomic_write(target, lambda f: f.write(b"hi")).read_bytes()
-        b'hi'
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(path)
-    tmp = _temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno in _FULL_ERRNOS and not isinstance(e, DiskFullError):
-            raise disk_full_error(path, e, what) from e
-        raise
-    _fsync_dir(path.parent)
-    return path
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -135,7 +56,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def use_atomic_checkpoint_io(trainer: Any) -> None:
     """Give ``trainer`` an :class:`AtomicCheckpointIO` unless it was configured with another one."""
     strategy = trainer.strategy
-    current = getattr(strategy, "_checkpoint_io", None)
+    current = configured_checkpoint_io(strategy)
     if current is None or type(current) is TorchCheckpointIO:
         strategy.checkpoint_io = AtomicCheckpointIO()
 
@@ -162,7 +83,7 @@ def resolve_last(trainer: Any, ckpt_path: str | None) -> str | None:
     if not found:
         return ckpt_path
     newest = max(found, key=lambda p: p.stat().st_mtime)
-    if getattr(logger, "_version", "") is None:  # not yet chosen: log into the resumed run's folder
-        logger._version = newest.parent.parent.name
+    if not logger_version_chosen(logger):  # log into the resumed run's folder
+        choose_logger_version(logger, newest.parent.parent.name)
     log.info("resuming from %s", newest)
     return str(newest)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, _get_short_description
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.tuner import Tuner
 
 from tl_lightning.callbacks import CSVPredictionWriter, LRMonitor
@@ -15,12 +15,14 @@ from tl_lightning.callbacks.rng_state import RNGStateCheckpoint
 from tl_lightning.callbacks.skipped_images import SkippedImagesReport
 from tl_lightning.callbacks.visuals import TensorBoardVisuals
 from tl_lightning.checkpoint_io import resolve_last, use_atomic_checkpoint_io
-from tl_lightning.config_checks import (
-    ConfigErrorParser,
-    check_backbone_config,
+from tl_lightning.checkpoint_safety import (
     check_checkpoint,
+    check_lightning_checkpoint,
     load_checkpoint_safely,
 )
+from tl_lightning.cli_errors import ConfigErrorParser
+from tl_lightning.config_checks import check_backbone_config
+from tl_lightning.lightning_compat import short_description
 from tl_lightning.precision import TLTrainer
 
 
@@ -57,7 +59,7 @@ class TLCLI(LightningCLI):
         parser_subcommands = parser.add_subcommands()
         for subcommand in self.subcommands():
             klass = Tuner if subcommand == "lr_find" else self.trainer_class
-            description = _get_short_description(getattr(klass, subcommand))
+            description = short_description(getattr(klass, subcommand))
             subparser_kwargs = kwargs.get(subcommand, {})
             subparser_kwargs.setdefault("description", description)
             subcommand_parser = self._prepare_subcommand_parser(
@@ -140,7 +142,9 @@ class TLCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """Lightning reads ``--ckpt_path`` hyperparameters at parse time: vet the file first."""
         config = self.config.get(str(self.config.get("subcommand")), self.config)
-        load_checkpoint_safely(config.get("ckpt_path"), config.get("weights_only"))
+        ckpt = load_checkpoint_safely(config.get("ckpt_path"), config.get("weights_only"))
+        if ckpt is not None:
+            check_lightning_checkpoint(ckpt, config.get("ckpt_path"))
         super()._parse_ckpt_path()
 
     def _check_ckpt_path(self) -> None:
@@ -216,6 +220,9 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> TLCLI | None:
 
         advise_main(argv[1:])
         return None
+    # `args` only when given: LightningCLI warns on every run that gets it ("intended to run from
+    # within Python"), and reads sys.argv itself otherwise.
+    given = {} if args is None else {"args": args}
     return TLCLI(
         LightningModule,
         LightningDataModule,
@@ -225,9 +232,9 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> TLCLI | None:
         subclass_mode_data=True,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
-        args=argv,
         auto_configure_optimizers=False,
         run=run,
+        **given,
     )
 
 

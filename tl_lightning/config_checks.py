@@ -1,119 +1,20 @@
-"""Checks that stop a bad configuration before training, with messages that name the key and fix.
+"""Checks that stop a bad model/data pairing before training, with messages that name the fix.
 
-- :class:`ConfigErrorParser`: the CLI parser; it puts a one-line diagnosis with the closest valid
-  names ("unknown option 'head_dropuot' for FeatureExtractionModule; did you mean 'head_dropout'?")
-  on top of jsonargparse's error.
 - :func:`check_model_matches_data`: a model's classes (count and order) equal the data's.
-- :func:`check_checkpoint`: a ``--ckpt_path`` checkpoint loads safely and was trained on the
-  same classes as the configured data.
 - :func:`check_input_size`: the backbone can take the configured image size.
+- :func:`check_backbone_config`: the config names a known backbone and weights tag.
+
+CLI parse errors live in :mod:`tl_lightning.cli_errors`, ``--ckpt_path`` checks in
+:mod:`tl_lightning.checkpoint_safety`.
 """
 
 from __future__ import annotations
 
-import difflib
-import importlib
-import inspect
-import pickle
-import re
-from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
-
-from tl_lightning.errors import UnsafeFileError
-
-_UNKNOWN_OPTION = re.compile(r"Option '([\w.]+)' is not accepted")
-_UNKNOWN_TOP = re.compile(r"does not accept option '([\w.]+)'")
-_CLASS_PATH = re.compile(r"class_path[ =]'([\w.]+)'")
-_WRONG_TYPE = re.compile(r'Parser key "([\w.]+)":\s*Expected a <class \'(\w+)\'>\. Got value: (.*)')
-_NO_ATTRIBUTE = re.compile(r"module '([\w.]+)' has no attribute '(\w+)'")
-
-
-def _did_you_mean(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=3, cutoff=0.5)
-    return f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
-
-
-def init_parameters(class_path: str) -> list[str]:
-    """Constructor argument names of ``class_path`` (following ``**kwargs`` up the MRO)."""
-    module_name, _, name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError, ValueError):
-        return []
-    names: list[str] = []
-    for klass in getattr(cls, "__mro__", [cls]):
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        params = inspect.signature(init).parameters.values()
-        names += [
-            p.name
-            for p in params
-            if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-        ]
-        if not any(p.kind == p.VAR_KEYWORD for p in params):
-            break
-    return list(dict.fromkeys(names))
-
-
-def explain_parse_error(message: str, top_level_keys: list[str] | None = None) -> str:
-    """One line per recognised mistake in a jsonargparse error, with the closest valid names."""
-    hints = []
-    class_paths = list(dict.fromkeys(_CLASS_PATH.findall(message)))
-    for option in dict.fromkeys(_UNKNOWN_OPTION.findall(message)):
-        owners = [(cp, init_parameters(cp)) for cp in class_paths]
-        owners = [(cp, ps) for cp, ps in owners if ps and option not in ps]
-        best = max(
-            owners,
-            key=lambda o: max(
-                (difflib.SequenceMatcher(None, option, p).ratio() for p in o[1]), default=0
-            ),
-            default=None,
-        )
-        if best is None:
-            hints.append(f"unknown option '{option}'; remove it or fix its spelling")
-            continue
-        cp, params = best
-        hints.append(
-            f"unknown option '{option}' for {cp}; {_did_you_mean(option, params)}"
-            f"valid options: {', '.join(params)}"
-        )
-    for key in dict.fromkeys(_UNKNOWN_TOP.findall(message)):
-        head = key.split(".")[0]
-        choices = top_level_keys or []
-        hints.append(
-            f"unknown key '{head}'; {_did_you_mean(head, choices)}"
-            + (f"valid top-level keys: {', '.join(choices)}" if choices else "")
-        )
-    for key, typ, value in _WRONG_TYPE.findall(message):
-        hints.append(f"'{key}' must be {typ}, got {value.strip()!r}; fix the value in your config")
-    for module_name, attr in _NO_ATTRIBUTE.findall(message):
-        try:
-            names = [n for n in dir(importlib.import_module(module_name)) if not n.startswith("_")]
-        except ImportError:
-            names = []
-        hints.append(f"no class '{attr}' in {module_name}; {_did_you_mean(attr, names)}".rstrip())
-    return "\n".join(hints)
-
-
-class ConfigErrorParser(LightningArgumentParser):
-    """The CLI's argument parser: puts a diagnosis naming the bad key and the fix on top of errors."""
-
-    def error(self, message: str, ex: Exception | None = None):
-        parser = getattr(ex, "subcommand_parser", None) or self
-        keys = sorted(
-            {a.dest.split(".")[0] for a in parser._actions if a.dest not in ("help", "config")}
-        )
-        # nested class parsers raise (exit_on_error off) into the top one: diagnose only there
-        hint = explain_parse_error(message, keys) if self.exit_on_error else ""
-        if hint:
-            message = f"{hint}\n(details below; `--help` lists every key)\n{message}"
-        return super().error(message, ex)
 
 
 def check_model_matches_data(
@@ -155,70 +56,6 @@ def _compare_class_names(trained: list[str], data: list[str], source: str, targe
     )
 
 
-_SPECIAL_CKPT = ("last", "best", "hpc", "registry")
-
-
-def load_checkpoint_safely(ckpt_path: str | Path | None, weights_only: bool | None = True) -> Any:
-    """The checkpoint at ``ckpt_path`` read with ``weights_only=True`` (None for 'last', 'best'...).
-
-    Raises ``FileNotFoundError`` for a missing file and :class:`UnsafeFileError` for one holding
-    pickled code (it is never executed). ``weights_only=False`` (the user's explicit opt-in for a
-    trusted file) skips the read.
-    """
-    if ckpt_path is None or str(ckpt_path).split(":")[0] in _SPECIAL_CKPT:
-        return None
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"--ckpt_path '{ckpt_path}' does not exist; give a .ckpt file (e.g. "
-            f"runs/<name>/version_0/checkpoints/last.ckpt) or 'last' to resume the latest run"
-        )
-    if weights_only is False:
-        return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
-        detail = str(e).strip().splitlines()
-        raise UnsafeFileError(
-            f"refusing to load checkpoint '{path}': it holds pickled objects that could run code "
-            f"({detail[-1] if detail else type(e).__name__}); only load checkpoints you trust, "
-            f"and only with --weights_only=false if you wrote them yourself"
-        ) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"checkpoint '{path}' is corrupt or not a checkpoint ({e})") from e
-
-
-def check_checkpoint(
-    ckpt_path: str | Path | None,
-    model: Any,
-    datamodule: Any = None,
-    weights_only: bool | None = True,
-) -> None:
-    """Before ``--ckpt_path`` is restored: refuse code-carrying pickles and mismatched classes."""
-    ckpt = load_checkpoint_safely(ckpt_path, weights_only)
-    if ckpt is None:
-        return
-    path = Path(ckpt_path)
-    hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
-    ckpt_n = hparams.get("num_classes")
-    model_n = getattr(model, "hparams", {}).get("num_classes")
-    if ckpt_n is None or model_n is None:
-        return
-    ckpt_names = hparams.get("class_names")
-    data_names = list(
-        getattr(datamodule, "class_names", None) or model.hparams.get("class_names") or []
-    )
-    source = f"checkpoint '{path}'"
-    if ckpt_n != model_n:
-        raise ValueError(
-            f"num_classes mismatch: {source} predicts {ckpt_n} classes"
-            f"{f' {list(ckpt_names)}' if ckpt_names else ''} but the data has {model_n} "
-            f"{data_names}; use the data the checkpoint was trained on, or fit a new model "
-            f"without --ckpt_path"
-        )
-    if ckpt_names and data_names:
-        _compare_class_names(list(ckpt_names), data_names, source, "the data")
-
 
 def _forward_ok(backbone: nn.Module, size: int) -> Exception | None:
     param = next(backbone.parameters(), None)
@@ -242,6 +79,8 @@ def check_input_size(
     A forward pass on one blank image in eval mode (cheap, no BN statistics change); on failure,
     the smallest of 2x, 4x, ... the size that works is suggested.
     """
+    if getattr(backbone, "probed_size", None) == image_size:
+        return  # the backbone's own probe ran a forward pass at this size when it was built
     was_training = backbone.training
     backbone.eval()
     try:

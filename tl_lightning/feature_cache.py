@@ -24,9 +24,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from tl_lightning.checkpoint_io import disk_full_error
-from tl_lightning.data.folder import is_failed, skip_failed_collate
+from tl_lightning.data.decode import is_failed, skip_failed_collate
 from tl_lightning.errors import DataError
+from tl_lightning.file_io import disk_full_error, is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ def cached_features(
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if is_disk_full(e):
             raise disk_full_error(final, e, "feature cache") from e
         raise
     log.info("feature cache written: %s", final)

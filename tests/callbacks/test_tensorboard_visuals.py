@@ -27,7 +27,7 @@ from tl_lightning.callbacks.visuals import TensorBoardVisuals
 from tl_lightning.cli import run_cli
 from tl_lightning.data.digits import DigitsDataModule
 from tl_lightning.data.domain import DomainAdaptationDataModule
-from tl_lightning.data.episodic import FewShotDataModule
+from tl_lightning.data.few_shot import FewShotDataModule
 from tl_lightning.modules.dann import DANNModule
 from tl_lightning.modules.feature_extraction import FeatureExtractionModule
 from tl_lightning.modules.finetune import FineTuneModule

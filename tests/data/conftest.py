@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tl_lightning.data.folder import load_rgb
+from tl_lightning.data.decode import load_rgb
 
 # --- loopback server ---------------------------------------------------------------------------
 
@@ -220,20 +220,20 @@ def flowers102_files(tmp_path_factory) -> FlowersFixture:
 
 @pytest.fixture
 def flowers102_patched(flowers102_files, monkeypatch):
-    """Point torchvision's Flowers102 checksums at the fixture's files."""
-    from torchvision.datasets import Flowers102
+    """Point the Flowers102 checksums at the fixture's files."""
+    import tl_lightning.data.flowers102 as flowers102
 
     f = flowers102_files
     monkeypatch.setattr(
-        Flowers102,
-        "_file_dict",
+        flowers102,
+        "FLOWERS102_FILES",
         {
             "image": ("102flowers.tgz", md5(f.archive)),
             "label": ("imagelabels.mat", md5(f.labels_mat)),
             "setid": ("setid.mat", md5(f.setid_mat)),
         },
     )
-    monkeypatch.setattr(Flowers102, "_download_url_prefix", "http://127.0.0.1:9/")
+    monkeypatch.setattr(flowers102, "FLOWERS102_URL", "http://127.0.0.1:9/")
     return f
 
 

@@ -17,11 +17,10 @@ from tests.helpers import TINY, quick_trainer
 from tl_lightning.callbacks.skipped_images import SkippedImagesReport
 from tl_lightning.cli import run_cli
 from tl_lightning.data.base import MixCollate
-from tl_lightning.data.cats_dogs import ImageListDataset
-from tl_lightning.data.folder import (
+from tl_lightning.data.dataset import ImageDataset, ImageFilesDataset
+from tl_lightning.data.decode import (
     SKIP_LOG_NAME,
     FailedSample,
-    ImageFilesDataset,
     SkipFailedDataLoader,
     read_skip_log,
     skip_failed_collate,
@@ -238,7 +237,7 @@ def test_every_image_breaking_during_fit_is_an_error(tmp_path):
         num_classes=2, class_names=dm.class_names, cache_features=False, **TINY
     )
     with pytest.raises(
-        DataError, match=r"every image in this ImageListDataset \(4 samples\) failed to load"
+        DataError, match=r"every image in this ImageDataset \(4 samples\) failed to load"
     ):
         quick_trainer(tmp_path, num_sanity_val_steps=0).fit(model, datamodule=dm)
 
@@ -247,7 +246,7 @@ def test_file_broken_after_scan_is_a_failed_sample_in_the_skip_log(tmp_path):
     good, bad = tmp_path / "good.png", tmp_path / "bad.jpg"
     good.write_bytes(png((10, 20, 30)))
     bad.write_bytes(b"\xff\xd8\xff\xe0 then nothing")
-    ds = ImageListDataset([good, bad], np.array([0, 1]))
+    ds = ImageDataset([good, bad], np.array([0, 1]))
     ds.skip_log, ds.split = str(tmp_path / SKIP_LOG_NAME), "train"
     assert ds[0][1] == 0
     failed = ds[1]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import tl_lightning.data.cats_dogs as cats_dogs
-import tl_lightning.data.folder as folder_module
+import tl_lightning.data.decode as folder_module
 from tests.data.conftest import PET_BROKEN, PET_ODD, PET_PER_CLASS, sha256
 from tests.helpers import TINY_DATA, tiny_fit_args
 from tl_lightning.cli import run_cli

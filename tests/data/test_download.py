@@ -179,3 +179,36 @@ def test_not_an_archive(tmp_path):
     (tmp_path / "x.zip").write_bytes(b"not a zip at all")
     with pytest.raises(DataError, match="neither a zip nor a tar"):
         extract_archive(tmp_path / "x.zip", tmp_path / "out")
+
+
+def _old_python_extract(monkeypatch):
+    """Make TarFile.extract behave like Python 3.10.0-3.10.11 / 3.11.0-3.11.3 (no ``filter=``)."""
+    real = tarfile.TarFile.extract
+    calls = []
+
+    def extract(self, member, path="", set_attrs=True, *, numeric_owner=False, **kwargs):
+        if "filter" in kwargs:
+            raise TypeError("extract() got an unexpected keyword argument 'filter'")
+        calls.append(member.name)
+        return real(self, member, path, set_attrs, numeric_owner=numeric_owner)
+
+    monkeypatch.setattr(tarfile.TarFile, "extract", extract)
+    return calls
+
+
+def test_tar_without_filter_argument_falls_back_to_our_member_checks(tmp_path, monkeypatch):
+    calls = _old_python_extract(monkeypatch)
+    path = tmp_path / "x.tar.gz"
+    with tarfile.open(path, "w:gz") as tf:
+        info = tarfile.TarInfo("top/run.sh")
+        info.size, info.mode = 2, 0o6777  # setuid + setgid + world-writable
+        tf.addfile(info, io.BytesIO(b"hi"))
+    extract_archive(path, tmp_path / "out")
+    extracted = tmp_path / "out" / "top" / "run.sh"
+    assert calls == ["top/run.sh"] and extracted.read_bytes() == b"hi"
+    assert extracted.stat().st_mode & 0o7777 == 0o755  # what the "data" filter would keep
+    # the guard still holds where the stdlib filter is missing: escaping members never land
+    bad = make_tar(tmp_path / "bad.tar.gz", {"../evil.txt": b"x"})
+    with pytest.raises(UnsafeFileError, match="outside the extraction"):
+        extract_archive(bad, tmp_path / "out2")
+    assert not (tmp_path / "evil.txt").exists() and calls == ["top/run.sh"]

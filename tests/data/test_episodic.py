@@ -12,12 +12,8 @@ from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, TensorDataset
 
 from tl_lightning.data.digits import load_digits_images
-from tl_lightning.data.episodic import (
-    EpisodeCollate,
-    EpisodicBatchSampler,
-    FewShotDataModule,
-    IndexDataset,
-)
+from tl_lightning.data.episodes import EpisodeCollate, EpisodicBatchSampler, IndexDataset
+from tl_lightning.data.few_shot import FewShotDataModule
 
 LABELS = np.repeat(np.arange(8), 12)  # 8 classes x 12 samples
 rng = np.random.default_rng(0)
@@ -163,10 +159,7 @@ def test_loaders_yield_episodes_of_the_right_split_and_shape():
 def test_cached_models_get_index_only_eval_episodes():
     dm = digits_dm()
 
-    class Trainer:  # what the datamodule reads from a trainer
-        lightning_module = type("M", (), {"uses_cached_embeddings": True})()
-
-    dm.trainer = Trainer()
+    assert dm.use_frozen_features("test")  # what a model with cached embeddings asks
     loader = dm.test_dataloader()
     assert isinstance(loader.dataset, IndexDataset) and loader.dataset.dataset is dm.test_set
     labels = torch.as_tensor(dm.split_labels("test"))

@@ -10,6 +10,7 @@ import torch
 from scipy.io import loadmat
 from torchvision.datasets import Flowers102
 
+import tl_lightning.data.flowers102 as flowers102
 from tests.helpers import TINY_DATA, tiny_fit_args
 from tl_lightning.cli import run_cli
 from tl_lightning.data.flowers102 import FLOWERS102_CLASSES, Flowers102DataModule
@@ -56,7 +57,7 @@ def test_download_checksum_extract_load(flowers102_patched, loopback, tmp_path, 
     loopback.add("102flowers.tgz", f.archive)
     loopback.add("imagelabels.mat", f.labels_mat)
     loopback.add("setid.mat", f.setid_mat)
-    monkeypatch.setattr(Flowers102, "_download_url_prefix", loopback.url(""))
+    monkeypatch.setattr(flowers102, "FLOWERS102_URL", loopback.url(""))
     dm = Flowers102DataModule(root=str(tmp_path / "data"), **SMALL)
     dm.prepare_data()
     dm.setup()
@@ -78,8 +79,8 @@ def test_download_with_wrong_checksum_leaves_nothing(
 ):
     f = flowers102_patched
     loopback.add("102flowers.tgz", f.archive)
-    monkeypatch.setattr(Flowers102, "_download_url_prefix", loopback.url(""))
-    monkeypatch.setitem(Flowers102._file_dict, "image", ("102flowers.tgz", "0" * 32))
+    monkeypatch.setattr(flowers102, "FLOWERS102_URL", loopback.url(""))
+    monkeypatch.setitem(flowers102.FLOWERS102_FILES, "image", ("102flowers.tgz", "0" * 32))
     dm = Flowers102DataModule(root=str(tmp_path / "data"), **SMALL)
     with pytest.raises(DataError, match="md5"):
         dm.prepare_data()

@@ -7,7 +7,7 @@ import pytest
 from tests.data.test_bad_data import SMALL, make_folder
 from tests.helpers import TINY, quick_trainer
 from tl_lightning.callbacks.skipped_images import SkippedImagesReport
-from tl_lightning.data.folder import SKIP_LOG_NAME, read_skip_log
+from tl_lightning.data.decode import SKIP_LOG_NAME, read_skip_log
 from tl_lightning.data.image_folder import ImageFolderDataModule
 from tl_lightning.modules.feature_extraction import FeatureExtractionModule
 

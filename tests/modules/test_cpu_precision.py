@@ -8,7 +8,7 @@ from lightning.pytorch import seed_everything
 
 from tests.helpers import TINY, quick_trainer, tiny_digits
 from tests.modules.test_protonet import TINY as FEW_SHOT
-from tl_lightning.data.episodic import FewShotDataModule
+from tl_lightning.data.few_shot import FewShotDataModule
 from tl_lightning.modules import FeatureExtractionModule, FineTuneModule
 from tl_lightning.modules.protonet import ProtoNetModule
 

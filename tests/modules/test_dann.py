@@ -345,3 +345,25 @@ def test_internet_config_names_the_pair_with_one_label_space():
     assert data["source"]["class_path"].endswith("CatsDogsDataModule")
     assert data["target"]["class_path"].endswith("CIFAR10DataModule")
     assert data["target"]["init_args"]["classes"] == ["cat", "dog"]
+
+
+@pytest.mark.parametrize(("bn", "stats_move", "affine_trains"), [
+    ("eval", False, False), ("stats", True, False), ("affine", False, True), ("train", True, True),
+])  # fmt: skip
+def test_frozen_groups_follow_the_bn_policy_vocabulary(bn, stats_move, affine_trains):
+    model = DANNModule(
+        num_classes=3, backbone="resnet18", weights=None, freeze_groups=["stem"], bn=bn,
+        channels_last=False,
+    )  # fmt: skip
+    stem_bn = model.backbone.body.bn1  # resnet18's stem BatchNorm
+    before = stem_bn.running_mean.clone()
+    model.train()
+    model.backbone(torch.randn(4, 3, 32, 32) * 3 + 1)
+    assert (not torch.equal(before, stem_bn.running_mean)) == stats_move
+    assert stem_bn.weight.requires_grad == affine_trains
+    assert not model.backbone.body.conv1.weight.requires_grad  # the stem stays frozen
+
+
+def test_unknown_bn_policy_names_the_vocabulary():
+    with pytest.raises(ValueError, match="unknown bn 'frozen'; valid: eval, train, affine, stats"):
+        DANNModule(num_classes=3, backbone="resnet18", weights=None, bn="frozen")

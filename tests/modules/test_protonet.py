@@ -18,7 +18,7 @@ from PIL import Image
 from tests.helpers import print_config
 from tl_lightning.cli import run_cli
 from tl_lightning.data.digits import load_digits_images
-from tl_lightning.data.episodic import FewShotDataModule
+from tl_lightning.data.few_shot import FewShotDataModule
 from tl_lightning.errors import DataError
 from tl_lightning.modules.protonet import (
     ProtoNetModule,
@@ -207,7 +207,7 @@ DDP_SCRIPT = textwrap.dedent(
     """
     import json, sys, torch
     from lightning.pytorch import Trainer, seed_everything
-    from tl_lightning.data.episodic import FewShotDataModule
+    from tl_lightning.data.few_shot import FewShotDataModule
     from tl_lightning.modules.protonet import ProtoNetModule
 
     out = sys.argv[1]
@@ -304,7 +304,7 @@ def test_predict_through_the_cli_writes_csv(tmp_path, monkeypatch):
             "--model=tl_lightning.modules.protonet.ProtoNetModule",
             "--model.backbone=conv4",
             "--model.freeze_backbone=true",
-            "--data=tl_lightning.data.few_shot_folder.FewShotPredictDataModule",
+            "--data=tl_lightning.data.few_shot_predict.FewShotPredictDataModule",
             f"--data.support_dir={tmp_path / 'support'}",
             f"--data.query_dir={tmp_path / 'query'}",
             "--trainer.logger=false",

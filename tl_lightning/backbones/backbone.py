@@ -43,6 +43,7 @@ class BNPolicy(str, Enum):
 
 
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+BN_POLICIES = tuple(p.value for p in BNPolicy)  # the one BatchNorm vocabulary
 _BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
 
@@ -152,6 +153,7 @@ class Backbone(nn.Module):
         size = self.data_config.input_size if self.data_config.fixed_input_size else 64
         dim = self(torch.zeros(1, 3, size, size)).shape[-1]
         self.train(was_training)
+        self.probed_size = size  # the input size known to work: checks need not probe again
         return int(dim)
 
     # --- groups -----------------------------------------------------------------------------

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 
 from torch import nn
+
+from tl_lightning.errors import did_you_mean
 
 
 def cut_at(model: nn.Module, layer: str, name: str, create: Callable | None = None) -> nn.Module:
@@ -19,9 +20,8 @@ def cut_at(model: nn.Module, layer: str, name: str, create: Callable | None = No
     nodes = get_graph_node_names(model)[1]
     if layer not in nodes and not any(n.startswith(layer + ".") for n in nodes):
         modules = [n for n, _ in model.named_modules() if n]
-        close = difflib.get_close_matches(layer, modules + nodes, n=3)
         raise ValueError(
-            f"layer '{layer}' not in {name}; did you mean {close}? "
+            f"layer '{layer}' not in {name}; {did_you_mean(layer, modules + nodes)}"
             "(any module name or torchvision get_graph_node_names(model) node works)"
         )
     return (create or create_feature_extractor)(model, return_nodes={layer: "features"})

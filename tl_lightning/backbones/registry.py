@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import difflib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
 
 from tl_lightning.backbones.backbone import Backbone, DataConfig
+from tl_lightning.errors import did_you_mean
 
 
 @dataclass(frozen=True)
@@ -28,16 +28,27 @@ class BackboneSpec:
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
+_RESOLVED: dict[str, BackboneSpec] = {}  # name -> spec, filled by _resolve
 _skip_weights = contextvars.ContextVar("tl_skip_pretrained_weights", default=False)
 
 
 def register_backbone(
     name: str, data_config: Callable[[str | None], DataConfig], description: str = ""
 ) -> Callable:
-    """Decorator registering ``fn(weights, layer) -> Backbone`` under ``name``."""
+    """Decorator registering ``fn(weights, layer) -> Backbone`` under ``name``.
+
+    A name is registered once (like torchvision's ``register_model``): a second registration
+    is a ``ValueError``, so a plugin can never silently replace a backbone.
+    """
 
     def deco(fn: Callable[[str | None, str | None], Backbone]):
+        if name in _REGISTRY:
+            raise ValueError(
+                f"backbone '{name}' is already registered (by {_REGISTRY[name].build.__module__}); "
+                f"register yours under another name"
+            )
         _REGISTRY[name] = BackboneSpec(name, fn, data_config, description)
+        _RESOLVED.clear()  # a bare name may now mean the registered backbone
         return fn
 
     return deco
@@ -54,6 +65,15 @@ def skip_pretrained_weights() -> Iterator[None]:
 
 
 def _resolve(name: str) -> BackboneSpec:
+    """The spec of ``name``, looked up once per process (config checks, datamodule and module
+    all ask for the same name in one run)."""
+    spec = _RESOLVED.get(name)
+    if spec is None:
+        spec = _RESOLVED[name] = _lookup(name)
+    return spec
+
+
+def _lookup(name: str) -> BackboneSpec:
     if name in _REGISTRY:
         return _REGISTRY[name]
     from tl_lightning.backbones import timm_models, torchvision_models
@@ -64,25 +84,19 @@ def _resolve(name: str) -> BackboneSpec:
     if source in ("", "timm") and timm_models.is_model(arch):
         return timm_models.spec(arch)
     if source not in ("", "torchvision", "timm"):
-        hint = _did_you_mean(source, ["torchvision", "timm"])
+        hint = did_you_mean(source, ["torchvision", "timm"])
         raise ValueError(
             f"unknown backbone source '{source}' in '{name}'; {hint}"
             f"use 'torchvision/<model>', 'timm/<model>' or a registered name (see `tl-lightning backbones`)"
         )
     if source:  # suggest with the same prefix: 'timm/resnt18' -> 'timm/resnet18'
-        hint = _did_you_mean(name, [f"{source}/{n}" for n in _source_names(source)])
+        hint = did_you_mean(name, [f"{source}/{n}" for n in _source_names(source)])
     else:
-        hint = _did_you_mean(name, all_names())
+        hint = did_you_mean(name, all_names())
     raise ValueError(
         f"unknown backbone '{name}'; {hint}(see `tl-lightning backbones`; any torchvision "
         f"classification model or timm model name works)"
     )
-
-
-def _did_you_mean(word: str, choices: list[str]) -> str:
-    """``"did you mean 'a' or 'b'? "`` for the closest distinct names, else ``""``."""
-    close = difflib.get_close_matches(word, list(dict.fromkeys(choices)), n=3, cutoff=0.6)
-    return f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
 
 
 def _source_names(source: str) -> list[str]:

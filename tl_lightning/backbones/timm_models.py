@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import os
 from functools import cache
 
@@ -12,7 +11,7 @@ from tl_lightning.backbones.backbone import Backbone, DataConfig
 from tl_lightning.backbones.intermediate import cut_at
 from tl_lightning.backbones.registry import BackboneSpec
 from tl_lightning.backbones.weights import load_into, load_state_dict_file, looks_like_path
-from tl_lightning.errors import WeightsUnavailableError
+from tl_lightning.errors import WeightsUnavailableError, did_you_mean
 
 
 @cache
@@ -45,8 +44,7 @@ def _model_name(arch: str, weights: str | None) -> str:
 
     tags = [n.split(".", 1)[1] for n in timm.list_pretrained(f"{arch}.*")]
     if weights not in tags:
-        close = difflib.get_close_matches(weights, tags, n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
+        hint = did_you_mean(weights, tags, n=1)
         raise ValueError(
             f"unknown weights tag '{weights}' for timm/{arch}; {hint}valid: ['DEFAULT', *{tags}], null, or a file path"
         )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 from functools import cache
 
 from torch import nn
@@ -11,7 +10,7 @@ from tl_lightning.backbones.backbone import Backbone, DataConfig
 from tl_lightning.backbones.intermediate import cut_at
 from tl_lightning.backbones.registry import BackboneSpec
 from tl_lightning.backbones.weights import load_into, load_state_dict_file, looks_like_path
-from tl_lightning.errors import WeightsUnavailableError
+from tl_lightning.errors import WeightsUnavailableError, did_you_mean
 
 GroupSpec = list[tuple[str, list[str]]]
 
@@ -43,8 +42,7 @@ def _weights_enum(arch: str, weights: str | None):
         return enum.verify(weights)
     except (KeyError, ValueError):
         names = list(dict.fromkeys(["DEFAULT", *enum.__members__]))
-        close = difflib.get_close_matches(weights, names, n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
+        hint = did_you_mean(weights, names, n=1)
         raise ValueError(
             f"unknown weights '{weights}' for torchvision/{arch}; {hint}valid: {names}, null, or a file path"
         ) from None

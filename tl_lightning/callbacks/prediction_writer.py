@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import errno
 import io
 import os
 from pathlib import Path
@@ -12,10 +11,9 @@ from typing import Any
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from tl_lightning.checkpoint_io import atomic_write, disk_full_error
+from tl_lightning.file_io import atomic_write, disk_full_error, is_disk_full
 
 HEADER = ["file", "class", "probability"]
-_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 def _csv_text(rows: list[list[str]]) -> str:
@@ -71,7 +69,7 @@ class CSVPredictionWriter(BasePredictionWriter):
         except OSError as e:
             os.ftruncate(self._fd, self._good)  # frees space, so it works on a full disk
             self._close()
-            if e.errno in _FULL_ERRNOS:
+            if is_disk_full(e):
                 raise disk_full_error(self._path, e, "predictions") from e
             raise
         self._good += len(text.encode())

@@ -10,7 +10,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
 from tl_lightning.data.base import skip_log_path
-from tl_lightning.data.folder import read_skip_log
+from tl_lightning.data.decode import read_skip_log
 
 log = logging.getLogger(__name__)
 

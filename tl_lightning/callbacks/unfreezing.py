@@ -222,13 +222,14 @@ class GradualUnfreezing(Callback):
                 rank_zero_info(f"GradualUnfreezing: frozen epochs run on images: {reason}")
             return
         datamodule = trainer.datamodule
-        for split in ("train_set", "val_set"):
-            dataset = getattr(datamodule, split, None)
-            if dataset is not None and not isinstance(dataset, FrozenPhaseDataset):
-                dataset = FrozenPhaseDataset(dataset, split)
-                setattr(datamodule, split, dataset)
-            if dataset is not None:
-                self._switchable.append(dataset)
+        # the datamodule owns its datasets: it swaps in the switchable ones itself
+        if datamodule.use_frozen_features(
+            "fit", lambda dataset, split: FrozenPhaseDataset(dataset, f"{split}_set")
+        ):
+            for split in ("train_set", "val_set"):
+                dataset = getattr(datamodule, split, None)
+                if isinstance(dataset, FrozenPhaseDataset):
+                    self._switchable.append(dataset)
 
     def _why_not_cached(self, trainer: Trainer, pl_module: LightningModule) -> str | None:
         """Why the frozen phase cannot run on cached features (``None``: it can)."""
@@ -244,8 +245,8 @@ class GradualUnfreezing(Callback):
             return "DDP expects gradients for the backbone"
         datamodule = getattr(trainer, "datamodule", None)
         hp = getattr(datamodule, "hparams", {})
-        if datamodule is None or getattr(datamodule, "train_set", None) is None:
-            return "no datamodule with a train_set"
+        if not hasattr(datamodule, "use_frozen_features") or datamodule.train_set is None:
+            return "no tl_lightning datamodule with a train_set"
         if hp.get("augment", "none") != "none" or hp.get("mixup_alpha") or hp.get("cutmix_alpha"):
             return "the train pipeline is random (augment/MixUp/CutMix)"
         stochastic = [
@@ -368,7 +369,7 @@ class GradualUnfreezing(Callback):
         """
         from torch.utils.data import DataLoader
 
-        from tl_lightning.data.folder import skip_failed_collate
+        from tl_lightning.data.decode import skip_failed_collate
 
         backbone = self._backbone
         bns = [
@@ -581,9 +582,8 @@ class GradualUnfreezing(Callback):
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._restored = False
         datamodule = getattr(trainer, "datamodule", None)
-        for dataset in self._switchable:  # hand the datamodule its image datasets back
-            if getattr(datamodule, dataset.attr_name, None) is dataset:
-                setattr(datamodule, dataset.attr_name, dataset.images)
+        if self._switchable and hasattr(datamodule, "serve_images"):
+            datamodule.serve_images()  # the datamodule takes its image datasets back
         self._switchable = []
 
     # --- checkpointing ------------------------------------------------------------------------

@@ -49,8 +49,8 @@ def class_names(trainer: Trainer, module: LightningModule, n: int) -> list[str]:
 def validation_sets(trainer: Trainer) -> list[tuple[str, Dataset]]:
     """``[(name, image dataset)]`` of the validation split(s): ``val``, or DANN's source/target.
 
-    Read from the datamodule (call it from ``setup``: before a FeatureExtractionModule swaps the
-    image datasets for cached features), else from the validation dataloaders.
+    Read from the datamodule (its images, also where it serves cached features instead), else
+    from the validation dataloaders.
     """
     dm = getattr(trainer, "datamodule", None)
     source, target = getattr(dm, "source", None), getattr(dm, "target", None)
@@ -59,8 +59,8 @@ def validation_sets(trainer: Trainer) -> list[tuple[str, Dataset]]:
         and getattr(target, "val_set", None) is not None
     ):
         return [("source", source.val_set), ("target", target.val_set)]
-    if getattr(dm, "val_set", None) is not None:
-        return [("val", dm.val_set)]
+    if hasattr(dm, "image_dataset") and dm.image_dataset("val") is not None:
+        return [("val", dm.image_dataset("val"))]  # images, even where features replace them
     loaders = trainer.val_dataloaders
     if loaders is None:
         return []

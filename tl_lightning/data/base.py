@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +14,14 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from tl_lightning.backbones import DataConfig, resolve_data_config
 from tl_lightning.config_checks import check_model_and_data
-from tl_lightning.data.folder import (
+from tl_lightning.data.decode import (
     SKIP_LOG_NAME,
     SkipFailedDataLoader,
     is_failed,
     skip_failed_collate,
 )
 from tl_lightning.data.resumable_sampler import ResumableDataLoader, ResumableRandomSampler
+from tl_lightning.data.source import LabelledImages
 from tl_lightning.data.transforms import (
     AUGMENT_PRESETS,
     batch_mixer,
@@ -28,22 +30,7 @@ from tl_lightning.data.transforms import (
 )
 
 SAMPLERS = (None, "weighted")
-
-
-def _allocate(n: int, fractions: np.ndarray, min_one: bool) -> np.ndarray:
-    """Split ``n`` items by ``fractions``: largest-remainder rounding (each part within 1 of
-    ``n * fraction``), then, with ``min_one``, every part with a positive fraction gets >= 1."""
-    target = n * fractions
-    counts = np.floor(target).astype(np.int64)
-    order = np.argsort(-(target - counts), kind="stable")
-    counts[order[: n - counts.sum()]] += 1
-    if min_one:
-        for j in np.flatnonzero((counts == 0) & (fractions > 0)):
-            # take one from the most over-allocated part that can spare it
-            donor = int(np.argmax(np.where(counts > 1, counts - target, -np.inf)))
-            counts[donor] -= 1
-            counts[j] += 1
-    return counts
+_STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
 
 
 class ResumableSkipFailedDataLoader(SkipFailedDataLoader, ResumableDataLoader):
@@ -52,45 +39,6 @@ class ResumableSkipFailedDataLoader(SkipFailedDataLoader, ResumableDataLoader):
     SkipFailedDataLoader comes first: its ``__iter__`` is a generator, so ResumableDataLoader's
     ``__iter__`` (which consumes the pending skip) must run inside it, when iteration starts.
     """
-
-
-def stratified_split(
-    labels: Sequence[int], fractions: Sequence[float], seed: int
-) -> list[np.ndarray]:
-    """Split indices into len(fractions) parts with the same class proportions in each, seeded.
-
-    Per class, the part sizes are ``n_class * fraction`` rounded by largest remainder (within 1),
-    except that a class with at least as many samples as there are (non-empty) parts appears in
-    every part. The parts are disjoint, cover all indices, and depend only on ``labels``,
-    ``fractions`` and ``seed``. Works for any class size (no minimum, unlike sklearn's).
-    """
-    fracs = np.asarray(fractions, dtype=np.float64)
-    if fracs.ndim != 1 or len(fracs) == 0 or (fracs < 0).any() or not np.isclose(fracs.sum(), 1.0):
-        raise ValueError(
-            f"split fractions must be >= 0 and sum to 1, got {list(fractions)} (e.g. [0.8, 0.1, 0.1])"
-        )
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    n_parts = int((fracs > 0).sum())
-    chunks: list[list[np.ndarray]] = [[] for _ in fracs]
-    for cls in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == cls))
-        counts = _allocate(len(members), fracs, min_one=len(members) >= n_parts)
-        for part, chunk in zip(chunks, np.split(members, np.cumsum(counts)[:-1]), strict=True):
-            part.append(chunk)
-    return [
-        np.sort(np.concatenate(c)).astype(np.int64) if c else np.zeros(0, np.int64) for c in chunks
-    ]
-
-
-def carve_val(
-    labels: Sequence[int], val_fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded stratified ``(train_indices, val_indices)`` for datasets without a validation split."""
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    train, val = stratified_split(labels, (1.0 - val_fraction, val_fraction), seed)
-    return train, val
 
 
 class MixCollate:
@@ -170,6 +118,10 @@ class ImageDataModule(LightningDataModule):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
         self._checked_models: set[tuple[int, bool]] = set()  # (model id, predict?)
+        # split -> (images, the features that replaced them): see use_frozen_features()
+        self._image_sets: dict[str, Dataset] = {}
+        self._skip_trainer, self._skip_role = None, ""  # see log_skips_to()
+        self._features: dict[str, Dataset] = {}
 
     # --- what subclasses provide -------------------------------------------------------------
     @property
@@ -196,6 +148,25 @@ class ImageDataModule(LightningDataModule):
     def eval_transform(self, resize: bool = True):
         return eval_transform(self.data_config, self.image_size, resize)
 
+    def transforms_for(self, images: LabelledImages) -> tuple:
+        """``(train, eval)`` transforms for a source's images.
+
+        Photos in files: the backbone's resize + crop recipe. Small in-memory images
+        (``whole_image``): used as they are when already at ``image_size``, otherwise resized
+        whole (no center crop); training crops keep 60-100 % of them, and ``augment: none``
+        trains on the eval pipeline.
+        """
+        if not images.whole_image:
+            return self.train_transform(hflip=images.hflip), self.eval_transform()
+        if images.items.shape[-1] == self.image_size:  # already sized: skip two no-op ops
+            eval_tf = self.eval_transform(resize=False)
+        else:  # a crop_pct crop would throw away 1/8 of a 32 px object
+            whole = dataclasses.replace(self.data_config, crop_pct=1.0)
+            eval_tf = eval_transform(whole, self.image_size)
+        if self.hparams.augment == "none":
+            return eval_tf, eval_tf
+        return self.train_transform(resize=False, hflip=images.hflip), eval_tf
+
     def _pin_memory(self) -> bool:
         """Pinned host memory only speeds up copies to a GPU: on when the trainer runs on CUDA."""
         trainer = getattr(self, "trainer", None)
@@ -217,6 +188,68 @@ class ImageDataModule(LightningDataModule):
         self._checked_models.add(key)
         check_model_and_data(model, self, stage)
 
+    def use_frozen_features(
+        self, stage: str, embed: Callable[[Dataset, str], Dataset] | None = None
+    ) -> bool:
+        """The one hook a model with a frozen, deterministic backbone calls (from its ``setup``).
+
+        The datamodule owns its datasets and decides: when its train pipeline is deterministic
+        (``augment: none``, no MixUp/CutMix), each split ``stage`` uses is replaced by
+        ``embed(dataset, split)`` (for :class:`~tl_lightning.modules.FeatureExtractionModule`: the
+        features cached once on disk) and ``True`` is returned. The image datasets stay
+        available from :meth:`image_dataset` (for pictures of the data).
+
+        Example:
+            >>> dm.use_frozen_features("fit", lambda dataset, split: cache(dataset))  # doctest: +SKIP
+            True
+        """
+        if embed is None or not self.deterministic_train():
+            return False
+        for split in _STAGE_SPLITS.get(stage, ()):
+            dataset = getattr(self, f"{split}_set")
+            if dataset is not None and dataset is not self._features.get(split):
+                self._image_sets[split] = dataset
+                self._features[split] = embed(dataset, split)
+                setattr(self, f"{split}_set", self._features[split])
+        return True
+
+    def serve_images(self) -> None:
+        """Undo :meth:`use_frozen_features`: every split serves its images again."""
+        for split, images in self._image_sets.items():
+            if getattr(self, f"{split}_set") is self._features.get(split):
+                setattr(self, f"{split}_set", images)
+        self._image_sets.clear()
+        self._features.clear()
+
+    def deterministic_train(self) -> bool:
+        """True when a training image maps to the same input every epoch (features can be cached)."""
+        hp = self.hparams
+        return (
+            hp.get("augment", "none") == "none"
+            and not hp.get("mixup_alpha")
+            and not hp.get("cutmix_alpha")
+        )
+
+    def image_dataset(self, split: str) -> Dataset | None:
+        """The image dataset of ``split`` (``train``, ``val``, ``test``), even once its features
+        are served instead."""
+        current = getattr(self, f"{split}_set", None)
+        return self._image_sets[split] if current is self._features.get(split) else current
+
+    def log_skips_to(self, trainer, role: str = "") -> None:
+        """Write this datamodule's skip log into ``trainer``'s run folder, splits named
+        ``{role}_{split}`` (for a datamodule inside another one, which the trainer does not attach)."""
+        self._skip_trainer, self._skip_role = trainer, role
+
+    def route_skips(self, dataset: Dataset, split: str) -> None:
+        """Images of ``dataset`` that fail to load go to the run's skip log, marked ``split``."""
+        if hasattr(dataset, "skip_log"):
+            log_path = skip_log_path(self._skip_trainer or getattr(self, "trainer", None))
+            if log_path is not None:
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+            dataset.skip_log = str(log_path) if log_path else None
+            dataset.split = f"{self._skip_role}_{split}" if self._skip_role else split
+
     def _loader(
         self,
         dataset: Dataset | None,
@@ -228,12 +261,7 @@ class ImageDataModule(LightningDataModule):
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__} has no {name} split; call setup() first")
         self.check_model(name)
-        if hasattr(dataset, "skip_log"):  # decode failures go to the run's skip log, by split
-            log_path = skip_log_path(getattr(self, "trainer", None))
-            if log_path is not None:
-                log_path.parent.mkdir(parents=True, exist_ok=True)
-            dataset.skip_log = str(log_path) if log_path else None
-            dataset.split = name
+        self.route_skips(dataset, name)
         kwargs.setdefault("collate_fn", skip_failed_collate)
         return loader_class(
             dataset,
@@ -277,7 +305,7 @@ class ImageDataModule(LightningDataModule):
         return self._loader(self.test_set, "test")
 
     def predict_dataloader(self) -> DataLoader:
-        from tl_lightning.data.folder import ImageFilesDataset
+        from tl_lightning.data.dataset import ImageFilesDataset
 
         if not self.hparams.predict_dir:
             raise ValueError(

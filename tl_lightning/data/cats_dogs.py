@@ -7,32 +7,18 @@ cached in ``scan.json`` and reused while the folder is unchanged (same files, si
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import json
-import os
-import tempfile
-import warnings
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from lightning.pytorch.utilities import rank_zero_info
-from PIL import Image
-from tqdm.auto import tqdm
 
-from tl_lightning.data.base import ImageDataModule, stratified_split
+from tl_lightning.data.base import ImageDataModule
+from tl_lightning.data.dataset import ImageDataset
+from tl_lightning.data.decode import load_rgb
 from tl_lightning.data.download import download_url, extract_archive
-from tl_lightning.data.folder import (
-    IMAGE_EXTENSIONS,
-    FailedSample,
-    SkippingDataset,
-    failure_reason,
-    load_rgb,
-)
+from tl_lightning.data.listing import class_folders
+from tl_lightning.data.scan import SKIPPED, ScanResult, _skip_summary, scan_image_folder
+from tl_lightning.data.split import stratified_split
 from tl_lightning.errors import DataError
 
 PETIMAGES_URL = (
@@ -43,223 +29,6 @@ PETIMAGES_URL = (
 # not re-checked offline here. A mismatch stops the download with a clear error.
 PETIMAGES_SHA256 = "b7974bd00a84a99921f36ee4403f089853777b5ae8d151c76a86e64900334af9"
 PETIMAGES_CLASSES = ["Cat", "Dog"]
-
-SCAN_VERSION = 2  # 2: file permissions are part of the fingerprint
-MANIFEST, SKIPPED, SCAN_INFO = "manifest.csv", "skipped.csv", "scan.json"
-
-
-@dataclass
-class ScanResult:
-    """Valid files ``(relative path, label)`` and skipped ones ``(relative path, reason)``."""
-
-    folder: Path
-    classes: list[str]
-    valid: list[tuple[str, int]] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    cached: bool = False
-
-    @property
-    def paths(self) -> list[Path]:
-        return [self.folder / rel for rel, _ in self.valid]
-
-    @property
-    def labels(self) -> list[int]:
-        return [label for _, label in self.valid]
-
-
-def class_folders(folder: str | Path) -> list[str]:
-    """Sorted names of the non-hidden subfolders of ``folder``: one class each."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder '{folder}' does not exist")
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def _class_files(folder: Path, classes: list[str]) -> list[tuple[str, int, os.stat_result]]:
-    files = []
-    for label, name in enumerate(classes):
-        for path in sorted((folder / name).rglob("*")):
-            if path.is_file() and not any(
-                part.startswith(".") for part in path.relative_to(folder).parts
-            ):
-                files.append((path.relative_to(folder).as_posix(), label, path.stat()))
-    return files
-
-
-def _fingerprint(classes: list[str], files: list[tuple[str, int, os.stat_result]]) -> str:
-    digest = hashlib.sha256(f"v{SCAN_VERSION}|{'|'.join(classes)}\n".encode())
-    for rel, label, st in files:
-        # st_mode too: a chmod (unreadable -> readable) changes what loads but not the mtime
-        digest.update(f"{rel}\t{label}\t{st.st_size}\t{st.st_mtime_ns}\t{st.st_mode}\n".encode())
-    return digest.hexdigest()
-
-
-def check_image(
-    path: Path, size: int, load: Callable[[Path], Image.Image | torch.Tensor]
-) -> str | None:
-    """``None`` when the file decodes fully to an RGB image, else why it is skipped."""
-    if size == 0:
-        return "empty file (0 bytes)"
-    if path.suffix.lower() not in IMAGE_EXTENSIONS:
-        return f"not an image file (extension '{path.suffix or '(none)'}')"
-    try:
-        image = load(path)
-    except Exception as e:  # noqa: BLE001 -- a scan reports every failure, it never crashes on one
-        return failure_reason(e)
-    width_height = tuple(image.shape[:0:-1]) if isinstance(image, torch.Tensor) else image.size
-    if min(width_height) < 1:
-        return f"degenerate image size {width_height}"
-    return None
-
-
-def _write_atomic(path: Path, write: Callable) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _read_cache(
-    out_dir: Path, folder: Path, classes: list[str], fingerprint: str
-) -> ScanResult | None:
-    info_path = out_dir / SCAN_INFO
-    try:
-        info = json.loads(info_path.read_text())
-        if info.get("fingerprint") != fingerprint or info.get("classes") != classes:
-            return None
-        with open(out_dir / MANIFEST, newline="", encoding="utf-8") as f:
-            valid = [(row["path"], int(row["label"])) for row in csv.DictReader(f)]
-        with open(out_dir / SKIPPED, newline="", encoding="utf-8") as f:
-            skipped = [(row["path"], row["reason"]) for row in csv.DictReader(f)]
-    except (OSError, ValueError, KeyError):
-        return None
-    if len(valid) != info.get("valid") or len(skipped) != info.get("skipped"):
-        return None
-    return ScanResult(folder, classes, valid, skipped, cached=True)
-
-
-def _write_cache(out_dir: Path, result: ScanResult, fingerprint: str) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    def manifest(f):
-        writer = csv.writer(f)
-        writer.writerow(["path", "label", "class"])
-        writer.writerows((rel, label, result.classes[label]) for rel, label in result.valid)
-
-    def skipped(f):
-        writer = csv.writer(f)
-        writer.writerow(["path", "reason"])
-        writer.writerows(result.skipped)
-
-    info = {
-        "version": SCAN_VERSION,
-        "folder": str(result.folder),
-        "classes": result.classes,
-        "valid": len(result.valid),
-        "skipped": len(result.skipped),
-        "fingerprint": fingerprint,
-    }
-    _write_atomic(out_dir / MANIFEST, manifest)
-    _write_atomic(out_dir / SKIPPED, skipped)
-    _write_atomic(
-        out_dir / SCAN_INFO, lambda f: json.dump(info, f, indent=1)
-    )  # last: marks it complete
-
-
-def scan_image_folder(
-    folder: str | Path,
-    load: Callable[[Path], Image.Image | torch.Tensor],
-    out_dir: str | Path | None = None,
-    workers: int | None = None,
-    progress: bool = True,
-    classes: list[str] | None = None,
-) -> ScanResult:
-    """Decode every file under ``folder/{class}/`` once; cache and return what loads and what not.
-
-    ``load`` is the decoder the dataset will use (so "valid" means "the loader reads it").
-    Decoding runs on ``workers`` threads (PIL releases the GIL while decoding). The manifest,
-    report and cache go to ``out_dir`` (default: ``folder``). ``classes`` restricts the scan to
-    these subfolders (default: every non-hidden subfolder).
-    """
-    folder = Path(folder)
-    out_dir = Path(out_dir) if out_dir is not None else folder
-    classes = class_folders(folder) if classes is None else list(classes)
-    if len(classes) < 2:
-        raise DataError(
-            f"'{folder}' has {len(classes)} class folder(s) {classes}; a classifier needs at least 2 "
-            f"subfolders, one per class (e.g. {folder}/cat/*.jpg and {folder}/dog/*.jpg)"
-        )
-    files = _class_files(folder, classes)
-    fingerprint = _fingerprint(classes, files)
-    cached = _read_cache(out_dir, folder, classes, fingerprint)
-    if cached is not None:
-        return cached
-
-    def check(item):
-        rel, _, st = item
-        return check_image(folder / rel, st.st_size, load)
-
-    result = ScanResult(folder, classes)
-    workers = workers or min(8, os.cpu_count() or 1)
-    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=workers) as pool:
-        warnings.simplefilter(
-            "ignore"
-        )  # PIL's "corrupt EXIF" chatter: real failures are reported below
-        reasons = tqdm(
-            pool.map(check, files),
-            total=len(files),
-            desc=f"scan {folder.name}",
-            unit="img",
-            disable=not progress,
-        )
-        for (rel, label, _), reason in zip(files, reasons, strict=True):
-            if reason is None:
-                result.valid.append((rel, label))
-            else:
-                result.skipped.append((rel, reason))
-    _write_cache(out_dir, result, fingerprint)
-    rank_zero_info(
-        f"scanned {len(files)} files in {folder}: {len(result.valid)} valid, {len(result.skipped)} "
-        f"skipped (reasons in {out_dir / SKIPPED}; manifest {out_dir / MANIFEST})"
-    )
-    return result
-
-
-def _skip_summary(skipped: list[tuple[str, str]]) -> str:
-    kinds: dict[str, int] = {}
-    for _, reason in skipped:
-        kind = reason.split(" (")[0]
-        kinds[kind] = kinds.get(kind, 0) + 1
-    return ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())) or "none"
-
-
-class ImageListDataset(SkippingDataset):
-    """``(transform(image), label)`` over scanned image files, decoded with :func:`load_rgb`.
-
-    A file that loaded at scan time but fails now (changed, removed, made unreadable) yields a
-    :class:`FailedSample`: the collate drops it and the run's skip log records it.
-
-    Example:
-        >>> ds = ImageListDataset([Path("cat/1.jpg")], np.array([0]))  # doctest: +SKIP
-        >>> image, label = ds[0]  # doctest: +SKIP
-    """
-
-    def __init__(self, paths: list[Path], labels: np.ndarray, transform=None):
-        self.paths, self.labels, self.transform = paths, labels, transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int):
-        image = self.load(self.paths[index])
-        if isinstance(image, FailedSample):
-            return image
-        return (self.transform(image) if self.transform else image), int(self.labels[index])
-
 
 class ScannedFolderSplits:
     """Seeded, stratified train/val/test splits of a scanned ``{class}/*`` folder, and its datasets.
@@ -292,10 +61,8 @@ class ScannedFolderSplits:
     def train_labels(self) -> np.ndarray:
         return np.asarray(self._scan_folder().labels, dtype=np.int64)[self._split()[0]]
 
-    def _dataset(self, part: int, transform) -> ImageListDataset:
-        scan, idx = self._scan_folder(), self._split()[part]
-        paths, labels = scan.paths, np.asarray(scan.labels, dtype=np.int64)
-        return ImageListDataset([paths[i] for i in idx], labels[idx], transform)
+    def _dataset(self, part: int, transform) -> ImageDataset:
+        return self._scan_folder().images().dataset(self._split()[part], transform)
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit", "validate"):
@@ -312,7 +79,7 @@ class ScannedFolderSplits:
 class CatsDogsDataModule(ScannedFolderSplits, ImageDataModule):
     """Cats vs Dogs from Microsoft's ``kagglecatsanddogs_5340.zip``, or your own ``{class}/*.jpg`` folder.
 
-    The archive (25,000 photos in ``PetImages/Cat`` and ``PetImages/Dog``, some of them empty or
+    The archive (25,000 photos and a ``Thumbs.db`` in ``PetImages/Cat`` and ``PetImages/Dog``, some empty or
     broken) is downloaded to ``{root}/cats_dogs/``, sha256-verified and extracted safely. Every
     file is then decoded once: valid ones are listed in ``manifest.csv`` and the rest in
     ``skipped.csv`` with the reason (empty, truncated, undecodable, not an image file), both next

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from tl_lightning.data.base import ImageDataModule, carve_val
-from tl_lightning.data.digits import TensorImageDataset
+from tl_lightning.data.base import ImageDataModule
 from tl_lightning.data.download import check_file, download_url, extract_archive
-from tl_lightning.data.transforms import eval_transform
+from tl_lightning.data.source import LabelledImages
+from tl_lightning.data.split import carve_val
 from tl_lightning.errors import DataError
 
 CIFAR10_CLASSES = [
@@ -58,6 +57,42 @@ def download_cifar10(root: str | Path) -> None:
         )
 
 
+def load_cifar10(
+    root: str | Path, classes: list[str] | None = None, download: bool = False
+) -> LabelledImages:
+    """CIFAR-10's 60,000 images under ``root`` with official ``train``/``test`` splits.
+
+    ``classes`` keeps only these, relabelled 0..k-1 in the order given. Batch files are
+    md5-checked first; a missing or corrupted one is an error that says how to fix it.
+    """
+    root = Path(root)
+    if not cifar10_ready(root):
+        hint = "call prepare_data() first (the Trainer does)" if download else "set download: true"
+        raise FileNotFoundError(
+            f"CIFAR-10 not found (or corrupted) under '{root / _dataset_class().base_folder}'; "
+            f"{hint}, or point root at the folder holding cifar-10-batches-py"
+        )
+    keep_names = list(classes) if classes else list(CIFAR10_CLASSES)
+    relabel = np.full(len(CIFAR10_CLASSES), -1)
+    relabel[[CIFAR10_CLASSES.index(c) for c in keep_names]] = np.arange(len(keep_names))
+    images, labels, splits, start = [], [], {}, 0
+    for split in ("train", "test"):
+        ds = _dataset_class()(str(root), train=split == "train", download=False)
+        if list(ds.classes) != CIFAR10_CLASSES:
+            raise DataError(
+                f"batches.meta under {root} lists classes {ds.classes}, expected {CIFAR10_CLASSES}"
+            )
+        targets = relabel[np.asarray(ds.targets, dtype=np.int64)]
+        keep = targets >= 0
+        images.append(torch.from_numpy(ds.data[keep]).permute(0, 3, 1, 2).contiguous())
+        labels.append(targets[keep])
+        splits[split] = np.arange(start, start + int(keep.sum()))
+        start += int(keep.sum())
+    return LabelledImages(
+        torch.cat(images), np.concatenate(labels), keep_names, splits, whole_image=True
+    )
+
+
 class CIFAR10DataModule(ImageDataModule):
     """CIFAR-10: train 50,000 / test 10,000; validation carved from train (seeded, stratified).
 
@@ -97,7 +132,7 @@ class CIFAR10DataModule(ImageDataModule):
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         self.root = Path(root)
-        self._train_data: tuple[torch.Tensor, np.ndarray] | None = None
+        self._data: LabelledImages | None = None
         self._parts: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
@@ -108,36 +143,20 @@ class CIFAR10DataModule(ImageDataModule):
         if self.hparams.download:
             download_cifar10(self.root)
 
-    def _load(self, train: bool) -> tuple[torch.Tensor, np.ndarray]:
-        if not cifar10_ready(self.root):
-            hint = (
-                "call prepare_data() first (the Trainer does)"
-                if self.hparams.download
-                else "set download: true"
-            )
-            raise FileNotFoundError(
-                f"CIFAR-10 not found (or corrupted) under '{self.root / _dataset_class().base_folder}'; "
-                f"{hint}, or point root at the folder holding cifar-10-batches-py"
-            )
-        ds = _dataset_class()(str(self.root), train=train, download=False)
-        if list(ds.classes) != CIFAR10_CLASSES:
-            raise DataError(
-                f"batches.meta under {self.root} lists classes {ds.classes}, expected {CIFAR10_CLASSES}"
-            )
-        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # uint8 [N, 3, 32, 32]
-        targets = np.asarray(ds.targets, dtype=np.int64)
-        # relabel the kept classes 0..k-1 in the order given (identity for all 10)
-        relabel = np.full(len(CIFAR10_CLASSES), -1)
-        relabel[[CIFAR10_CLASSES.index(c) for c in self.classes]] = np.arange(len(self.classes))
-        keep = relabel[targets] >= 0
-        return images[torch.from_numpy(keep)], relabel[targets][keep]
+    def load_images(self) -> LabelledImages:
+        """This datamodule's source: CIFAR-10 (train and test, official splits), kept classes only."""
+        if self._data is None:
+            self._data = load_cifar10(self.root, self.classes, self.hparams.download)
+        return self._data
+
+    def _split(self, name: str) -> LabelledImages:
+        data = self.load_images()
+        return data.subset(data.splits[name])
 
     def _prepare_train(self) -> None:
-        if self._train_data is None:
-            self._train_data = self._load(train=True)
-            self._parts = carve_val(
-                self._train_data[1], self.hparams.val_fraction, self.hparams.seed
-            )
+        if self._parts is None:
+            labels = self._split("train").labels
+            self._parts = carve_val(labels, self.hparams.val_fraction, self.hparams.seed)
             rank_zero_info(
                 f"CIFAR-10: {len(self._parts[0])} train / {len(self._parts[1])} val images "
                 f"(val_fraction={self.hparams.val_fraction}, seed={self.hparams.seed})"
@@ -145,26 +164,15 @@ class CIFAR10DataModule(ImageDataModule):
 
     def train_labels(self) -> np.ndarray:
         self._prepare_train()
-        return self._train_data[1][self._parts[0]]
-
-    def _eval_transform(self):
-        if self.image_size == NATIVE_SIZE:
-            return self.eval_transform(resize=False)
-        # upsample the whole 32 px image: a crop_pct crop would throw away 1/8 of the object
-        return eval_transform(dataclasses.replace(self.data_config, crop_pct=1.0), self.image_size)
+        return self._split("train").labels[self._parts[0]]
 
     def setup(self, stage: str | None = None) -> None:
-        eval_tf = self._eval_transform()
         if stage in (None, "fit", "validate"):
             self._prepare_train()
-            images, labels = self._train_data
-            train_idx, val_idx = self._parts
-            # resize=False: RandomResizedCrop keeps 60-100% of a small image instead of 8-100%
-            train_tf = (
-                eval_tf if self.hparams.augment == "none" else self.train_transform(resize=False)
-            )
-            self.train_set = TensorImageDataset(images[train_idx], labels[train_idx], train_tf)
-            self.val_set = TensorImageDataset(images[val_idx], labels[val_idx], eval_tf)
+            train = self._split("train")
+            train_tf, eval_tf = self.transforms_for(train)
+            self.train_set = train.dataset(self._parts[0], train_tf)
+            self.val_set = train.dataset(self._parts[1], eval_tf)
         if stage in (None, "test"):
-            images, labels = self._load(train=False)
-            self.test_set = TensorImageDataset(images, labels, eval_tf)
+            test = self._split("test")
+            self.test_set = test.dataset(None, self.transforms_for(test)[1])

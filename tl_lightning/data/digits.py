@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
-from tl_lightning.data.base import ImageDataModule, stratified_split
+from tl_lightning.data.base import ImageDataModule
+from tl_lightning.data.source import LabelledImages
+from tl_lightning.data.split import stratified_split
 
 
 def load_digits_images(image_size: int) -> tuple[torch.Tensor, np.ndarray]:
@@ -21,18 +22,15 @@ def load_digits_images(image_size: int) -> tuple[torch.Tensor, np.ndarray]:
     return images, digits.target.astype(np.int64)
 
 
-class TensorImageDataset(Dataset):
-    """``(transform(image), label)`` over an in-memory uint8 image tensor."""
 
-    def __init__(self, images: torch.Tensor, labels: np.ndarray, transform=None):
-        self.images, self.labels, self.transform = images, labels, transform
 
-    def __len__(self) -> int:
-        return len(self.labels)
+DIGITS_CLASSES = [str(i) for i in range(10)]
 
-    def __getitem__(self, index: int):
-        image = self.images[index]
-        return (self.transform(image) if self.transform else image), int(self.labels[index])
+
+def load_digits(image_size: int) -> LabelledImages:
+    """The digits as :class:`LabelledImages`, rendered at ``image_size`` (never flipped)."""
+    images, labels = load_digits_images(image_size)
+    return LabelledImages(images, labels, list(DIGITS_CLASSES), whole_image=True, hflip=False)
 
 
 class DigitsDataModule(ImageDataModule):
@@ -59,11 +57,16 @@ class DigitsDataModule(ImageDataModule):
 
     @property
     def class_names(self) -> list[str]:
-        return [str(i) for i in range(10)]
+        return list(DIGITS_CLASSES)
+
+    def load_images(self) -> LabelledImages:
+        """This datamodule's source: the digits at ``image_size``."""
+        return load_digits(self.image_size)
 
     def _prepare(self) -> None:
         if self._parts is None:
-            self._images, self._labels = load_digits_images(self.image_size)
+            self._data = self.load_images()
+            self._images, self._labels = self._data.items, self._data.labels
             self._parts = stratified_split(self._labels, self.split, seed=self.hparams.seed)
 
     def train_labels(self) -> np.ndarray:
@@ -72,10 +75,9 @@ class DigitsDataModule(ImageDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self._prepare()
-        train_tf = self.train_transform(resize=False, hflip=False)
-        eval_tf = self.eval_transform(resize=False)
+        data = self._data
+        train_tf, eval_tf = self.transforms_for(data)
         sets = [
-            TensorImageDataset(self._images[idx], self._labels[idx], tf)
-            for idx, tf in zip(self._parts, (train_tf, eval_tf, eval_tf))
+            data.dataset(idx, tf) for idx, tf in zip(self._parts, (train_tf, eval_tf, eval_tf))
         ]
         self.train_set, self.val_set, self.test_set = sets

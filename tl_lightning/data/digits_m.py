@@ -15,8 +15,9 @@ from functools import cache
 import numpy as np
 import torch
 
-from tl_lightning.data.base import stratified_split
-from tl_lightning.data.digits import DigitsDataModule, load_digits_images
+from tl_lightning.data.digits import DIGITS_CLASSES, DigitsDataModule, load_digits_images
+from tl_lightning.data.source import LabelledImages
+from tl_lightning.data.split import stratified_split
 
 DEFAULT_PHOTOS = (
     "astronaut",
@@ -101,6 +102,23 @@ def domain_part(labels: np.ndarray, part: str, seed: int = 0) -> np.ndarray:
     return source if part == "source" else target
 
 
+def load_digits_m(
+    image_size: int,
+    part: str = "target",
+    blend: bool = True,
+    photos: Sequence[str] = DEFAULT_PHOTOS,
+    photo_seed: int = 0,
+) -> LabelledImages:
+    """One half of the digits (``part``), blended with photo patches unless ``blend=False``."""
+    images, labels = load_digits_images(image_size)
+    if blend:  # blend all 1,797 first so an image's patch does not depend on `part`
+        images = blend_with_photos(images, photo_seed, photos)
+    keep = domain_part(labels, part)
+    return LabelledImages(
+        images[keep], labels[keep], list(DIGITS_CLASSES), whole_image=True, hflip=False
+    )
+
+
 class DigitsMDataModule(DigitsDataModule):
     """Digits-M: scikit-learn digits on natural-photo patches (a MNIST-M-like target domain, offline).
 
@@ -137,12 +155,6 @@ class DigitsMDataModule(DigitsDataModule):
         self.photos = list(photos) if photos is not None else list(DEFAULT_PHOTOS)
         self.photo_seed = photo_seed
 
-    def _prepare(self) -> None:
-        if self._parts is not None:
-            return
-        images, labels = load_digits_images(self.image_size)
-        if self.blend:  # blend all 1,797 first so an image's patch does not depend on `part`
-            images = blend_with_photos(images, self.photo_seed, self.photos)
-        keep = domain_part(labels, self.part)
-        self._images, self._labels = images[keep], labels[keep]
-        self._parts = stratified_split(self._labels, self.split, seed=self.hparams.seed)
+    def load_images(self) -> LabelledImages:
+        """This datamodule's source: one half of the digits, blended or plain."""
+        return load_digits_m(self.image_size, self.part, self.blend, self.photos, self.photo_seed)

@@ -7,12 +7,13 @@ from typing import Any
 
 import numpy as np
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
 from tl_lightning.data.base import ImageDataModule
+from tl_lightning.data.decode import SkipFailedDataLoader, is_failed, skip_failed_collate
 from tl_lightning.errors import DataError
+from tl_lightning.lightning_compat import own_hyperparameters
 
 PASSED_DOWN = ("backbone", "weights", "image_size", "batch_size")
 
@@ -27,7 +28,8 @@ class ImagesOnly(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int):
-        return self.dataset[index][0]
+        sample = self.dataset[index]
+        return sample if is_failed(sample) else sample[0]
 
 
 def _build(spec: dict | ImageDataModule, shared: dict[str, Any], role: str) -> ImageDataModule:
@@ -57,13 +59,8 @@ def _build(spec: dict | ImageDataModule, shared: dict[str, Any], role: str) -> I
         )
     init_args = dict(spec.get("init_args") or {})
     init_args.update({k: v for k, v in shared.items() if v is not None or k == "weights"})
-    # LightningCLI hands the *outer* config to every save_hyperparameters() called while it builds
-    # this datamodule; clear it so the inner datamodule records its own arguments.
-    token = _given_hyperparameters.set(None)
-    try:
+    with own_hyperparameters():  # not the outer config LightningCLI is instantiating
         return cls(**init_args)
-    finally:
-        _given_hyperparameters.reset(token)
 
 
 class DomainAdaptationDataModule(LightningDataModule):
@@ -150,8 +147,9 @@ class DomainAdaptationDataModule(LightningDataModule):
         self.target.prepare_data()
 
     def setup(self, stage: str | None = None) -> None:
-        self.source.setup(stage)
-        self.target.setup(stage)
+        for role, side in (("source", self.source), ("target", self.target)):
+            side.log_skips_to(self.trainer, role)  # broken images go to this run's skip log
+            side.setup(stage)
 
     def train_dataloader(self) -> CombinedLoader:
         target = self.target
@@ -159,8 +157,10 @@ class DomainAdaptationDataModule(LightningDataModule):
             raise RuntimeError(
                 "DomainAdaptationDataModule has no target train split; call setup() first"
             )
-        target_loader = DataLoader(
+        target.route_skips(target.train_set, "train")
+        target_loader = SkipFailedDataLoader(
             ImagesOnly(target.train_set),
+            collate_fn=skip_failed_collate,
             batch_size=target.batch_size,
             shuffle=True,
             num_workers=target.num_workers,

@@ -8,6 +8,7 @@ checked member by member before anything is written, and extracted through a tem
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import http.client
 import logging
@@ -226,6 +227,24 @@ def check_archive(archive: str | Path) -> list[str]:
     )
 
 
+def _extract_tar_member(tf: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> None:
+    """Extract one (already checked) tar member with the stdlib's ``"data"`` filter when it has one.
+
+    ``filter=`` (PEP 706) is missing on Python 3.10.0-3.10.11 and 3.11.0-3.11.3, where it raises
+    ``TypeError``; there :func:`check_archive` (run before any member is written: no absolute
+    or ``..`` names, links or devices) is the guard, and the mode loses what the data filter
+    strips (setuid/setgid/sticky bits, group/other write).
+    """
+    try:
+        tf.extract(member, dest, filter="data")  # belt and braces over check_archive
+    except TypeError as e:
+        if "filter" not in str(e):
+            raise
+        member = copy.copy(member)
+        member.mode &= 0o755
+        tf.extract(member, dest)
+
+
 def extract_archive(archive: str | Path, dest: str | Path) -> Path:
     """Extract a zip or tar(.gz) archive into ``dest`` safely; returns ``dest``.
 
@@ -249,7 +268,7 @@ def extract_archive(archive: str | Path, dest: str | Path) -> Path:
                 for member in tqdm(
                     members, desc=f"extract {archive.name}", unit="file", leave=False
                 ):
-                    tf.extract(member, tmp, filter="data")  # belt and braces over check_archive
+                    _extract_tar_member(tf, member, tmp)
         for item in tmp.iterdir():
             target = dest / item.name
             if target.is_dir() and not target.is_symlink():

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import copy
-import inspect
 from pathlib import Path
 
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import ConcatDataset
 
 from tl_lightning.data.base import ImageDataModule
 from tl_lightning.data.download import check_file, download_url, extract_archive
-from tl_lightning.data.folder import load_rgb
+from tl_lightning.data.source import LabelledImages
 
 # Names of labels 0..101 (``imagelabels.mat`` holds 1..102), as torchvision lists them.
 FLOWERS102_CLASSES = [
@@ -37,21 +34,25 @@ FLOWERS102_CLASSES = [
 ]  # fmt: skip
 
 
-def _dataset_class():
-    from torchvision.datasets import Flowers102
-
-    return Flowers102
+# Where the files are and their md5s (as torchvision 0.29's Flowers102 lists them).
+FLOWERS102_URL = "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/"
+FLOWERS102_FILES = {  # name, md5
+    "image": ("102flowers.tgz", "52808999861908f626f3c1f4e79d11fa"),
+    "label": ("imagelabels.mat", "e0620be6f572b9609742df49c70aed4d"),
+    "setid": ("setid.mat", "a5357ecc9cb78c4bef273ce3793fc85c"),
+}
+SPLIT_KEYS = {"train": "trnid", "val": "valid", "test": "tstid"}  # in setid.mat
 
 
 def flowers102_folder(root: str | Path) -> Path:
-    """Where torchvision keeps Flowers-102 under ``root``."""
+    """Where Flowers-102 lives under ``root`` (torchvision's layout)."""
     return Path(root) / "flowers-102"
 
 
 def flowers102_ready(root: str | Path) -> bool:
-    """True when ``jpg/`` exists and both ``.mat`` files match torchvision's md5."""
-    cls, folder = _dataset_class(), flowers102_folder(root)
-    mats = [cls._file_dict[key] for key in ("label", "setid")]
+    """True when ``jpg/`` exists and both ``.mat`` files match their md5."""
+    folder = flowers102_folder(root)
+    mats = [FLOWERS102_FILES[key] for key in ("label", "setid")]
     return (folder / "jpg").is_dir() and all(
         check_file(folder / name, md5, "md5") for name, md5 in mats
     )
@@ -59,17 +60,41 @@ def flowers102_ready(root: str | Path) -> bool:
 
 def download_flowers102(root: str | Path) -> None:
     """Fetch ``102flowers.tgz`` and the two label files (md5-checked), extract the images safely."""
-    cls, folder = _dataset_class(), flowers102_folder(root)
+    folder = flowers102_folder(root)
     if flowers102_ready(root):
         return
-    prefix = cls._download_url_prefix
     if not (folder / "jpg").is_dir():
-        name, md5 = cls._file_dict["image"]
-        archive = download_url(prefix + name, folder / name, md5, "md5")
+        name, md5 = FLOWERS102_FILES["image"]
+        archive = download_url(FLOWERS102_URL + name, folder / name, md5, "md5")
         extract_archive(archive, folder)  # -> folder/jpg/image_00001.jpg ...
     for key in ("label", "setid"):
-        name, md5 = cls._file_dict[key]
-        download_url(prefix + name, folder / name, md5, "md5")
+        name, md5 = FLOWERS102_FILES[key]
+        download_url(FLOWERS102_URL + name, folder / name, md5, "md5")
+
+
+def load_flowers102(root: str | Path, download: bool = False) -> LabelledImages:
+    """All 8,189 Flowers-102 images (files, decoded when read) with the official splits.
+
+    Labels are ``imagelabels.mat - 1``; ``setid.mat`` lists the image ids of each split.
+    """
+    from scipy.io import loadmat
+
+    folder = flowers102_folder(root)
+    if not flowers102_ready(root):
+        hint = "call prepare_data() first (the Trainer does)" if download else "set download: true"
+        raise FileNotFoundError(
+            f"Flowers-102 not found (or its .mat files corrupted) under '{folder}'; {hint}, "
+            f"or point root at the folder holding flowers-102"
+        )
+    labels = loadmat(folder / FLOWERS102_FILES["label"][0], squeeze_me=True)["labels"]
+    set_ids = loadmat(folder / FLOWERS102_FILES["setid"][0], squeeze_me=True)
+    files, targets, splits = [], [], {}
+    for split, key in SPLIT_KEYS.items():
+        ids = np.atleast_1d(set_ids[key]).astype(np.int64)
+        splits[split] = np.arange(len(files), len(files) + len(ids))
+        files += [folder / "jpg" / f"image_{i:05d}.jpg" for i in ids]
+        targets.append(np.asarray(labels, dtype=np.int64)[ids - 1] - 1)
+    return LabelledImages(files, np.concatenate(targets), list(FLOWERS102_CLASSES), splits)
 
 
 class Flowers102DataModule(ImageDataModule):
@@ -101,7 +126,7 @@ class Flowers102DataModule(ImageDataModule):
     ):
         super().__init__(*args, **kwargs)
         self.root = Path(root)
-        self._splits: dict = {}
+        self._data: LabelledImages | None = None
 
     @property
     def class_names(self) -> list[str]:
@@ -111,46 +136,31 @@ class Flowers102DataModule(ImageDataModule):
         if self.hparams.download:
             download_flowers102(self.root)
 
-    def _split(self, split: str):
-        """The torchvision dataset of one official split (loaded once, no transform)."""
-        if split not in self._splits:
-            if not flowers102_ready(self.root):
-                hint = (
-                    "call prepare_data() first (the Trainer does)"
-                    if self.hparams.download
-                    else "set download: true"
-                )
-                raise FileNotFoundError(
-                    f"Flowers-102 not found (or its .mat files corrupted) under "
-                    f"'{flowers102_folder(self.root)}'; {hint}, or point root at the folder holding flowers-102"
-                )
-            cls = _dataset_class()
-            kwargs = {"loader": load_rgb} if "loader" in inspect.signature(cls).parameters else {}
-            self._splits[split] = cls(str(self.root), split=split, download=False, **kwargs)
-        return self._splits[split]
+    def load_images(self) -> LabelledImages:
+        """This datamodule's source: every Flowers-102 image with the official splits."""
+        if self._data is None:
+            self._data = load_flowers102(self.root, self.hparams.download)
+        return self._data
 
-    def _view(self, split: str, transform):
-        """A shallow copy of a split with its own transform (train and val may share files)."""
-        view = copy.copy(self._split(split))
-        view.transform = transform
-        return view
+    def _indices(self, splits: list[str]) -> np.ndarray:
+        data = self.load_images()
+        return np.concatenate([data.splits[s] for s in splits])
 
     def _train_splits(self) -> list[str]:
         return ["train", "val"] if self.hparams.train_on_trainval else ["train"]
 
     def train_labels(self) -> np.ndarray:
-        return np.concatenate(
-            [np.asarray(self._split(s)._labels, dtype=np.int64) for s in self._train_splits()]
-        )
+        return self.load_images().labels[self._indices(self._train_splits())]
 
     def setup(self, stage: str | None = None) -> None:
+        data = self.load_images()
+        train_tf, eval_tf = self.transforms_for(data)
         if stage in (None, "fit", "validate"):
-            parts = [self._view(s, self.train_transform()) for s in self._train_splits()]
-            self.train_set = parts[0] if len(parts) == 1 else ConcatDataset(parts)
-            self.val_set = self._view("val", self.eval_transform())
+            self.train_set = data.dataset(self._indices(self._train_splits()), train_tf)
+            self.val_set = data.dataset(data.splits["val"], eval_tf)
             rank_zero_info(
                 f"Flowers-102: train on {'+'.join(self._train_splits())} ({len(self.train_set)} images), "
                 f"val {len(self.val_set)}"
             )
         if stage in (None, "test"):
-            self.test_set = self._view("test", self.eval_transform())
+            self.test_set = data.dataset(data.splits["test"], eval_tf)

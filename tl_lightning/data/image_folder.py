@@ -10,15 +10,11 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from tl_lightning.data.base import ImageDataModule
-from tl_lightning.data.cats_dogs import (
-    SKIPPED,
-    ScannedFolderSplits,
-    ScanResult,
-    _skip_summary,
-    class_folders,
-    scan_image_folder,
-)
-from tl_lightning.data.folder import IMAGE_EXTENSIONS, load_rgb
+from tl_lightning.data.cats_dogs import ScannedFolderSplits
+from tl_lightning.data.decode import load_rgb
+from tl_lightning.data.listing import IMAGE_EXTENSIONS, class_folders, list_images
+from tl_lightning.data.scan import SKIPPED, ScanResult, _skip_summary, scan_image_folder
+from tl_lightning.data.source import LabelledImages
 from tl_lightning.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -29,6 +25,33 @@ def _has_image_files(folder: Path) -> bool:
         p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
         for p in folder.rglob("*")
     )
+
+
+def folder_classes(root: str | Path) -> list[str]:
+    """The class subfolders of ``root`` (sorted, hidden ones left out); an error when none."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"image folder '{root}' does not exist (expected root/<class>/*.jpg)"
+        )
+    names = class_folders(root)
+    if not names:
+        raise DataError(f"no class folders under '{root}' (expected root/<class>/*.jpg)")
+    return names
+
+
+def load_image_folder(root: str | Path) -> LabelledImages:
+    """Every image file of ``root/<class>/`` (listed, not scanned: broken files are skipped and
+    reported when read)."""
+    root = Path(root)
+    files, labels = [], []
+    for i, name in enumerate(folder_classes(root)):
+        found = list_images(root / name)
+        files += found
+        labels += [i] * len(found)
+    if not files:
+        raise DataError(f"no images under the class folders of '{root}'")
+    return LabelledImages(files, np.asarray(labels, dtype=np.int64), folder_classes(root))
 
 
 class ImageFolderDataModule(ScannedFolderSplits, ImageDataModule):

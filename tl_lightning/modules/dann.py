@@ -15,6 +15,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.classification import MulticlassAccuracy
 
 import tl_lightning.backbones.dann_cnn  # noqa: F401  (registers the paper's digits CNN, `dann_cnn`)
+from tl_lightning.backbones.backbone import BN_POLICIES
 from tl_lightning.modules.base import ClassifierModule
 from tl_lightning.modules.grl import GradientReversal, grl_lambda
 from tl_lightning.optim import make_optimizer, make_scheduler
@@ -68,7 +69,10 @@ class DANNModule(ClassifierModule):
             ``None`` uses the base ``head`` kind (``linear``/``mlp``).
         domain_hidden_dims, domain_dropout: the domain head (paper: 1024-1024, dropout 0.5, for deep
             features; ``[100]`` for the digits net).
-        freeze_groups: backbone layer groups to keep frozen (BatchNorm in eval), e.g. ``[stem]``.
+        freeze_groups: backbone layer groups to keep frozen, e.g. ``[stem]``.
+        bn: BatchNorm policy of the frozen groups, the vocabulary of
+            :class:`~tl_lightning.backbones.backbone.BNPolicy` (``eval``: statistics and affine
+            fixed, the default; ``stats``, ``affine``, ``train``).
         gamma: GRL schedule steepness. domain_loss_weight: multiplies the domain loss.
         source_only: the baseline with identical code: no domain gradient reaches the features
             (the domain head still trains on detached features, so ``train/domain_acc`` shows
@@ -102,6 +106,7 @@ class DANNModule(ClassifierModule):
         domain_hidden_dims: list[int] | None = None,
         domain_dropout: float = 0.5,
         freeze_groups: list[str] | None = None,
+        bn: str = "eval",
         gamma: float = 10.0,
         domain_loss_weight: float = 1.0,
         source_only: bool = False,
@@ -114,6 +119,8 @@ class DANNModule(ClassifierModule):
         optimizer: OptimizerCallable | None = None,
         **kwargs: Any,
     ):
+        if bn not in BN_POLICIES:
+            raise ValueError(f"unknown bn '{bn}'; valid: {', '.join(BN_POLICIES)}")
         if optimizer is None:
             optimizer = functools.partial(
                 torch.optim.SGD, lr=lr, momentum=momentum, weight_decay=weight_decay
@@ -136,7 +143,7 @@ class DANNModule(ClassifierModule):
                 f"bottleneck_dim must be a positive width or null, got {bottleneck_dim}"
             )
         if freeze_groups:
-            self.backbone.freeze(freeze_groups, bn="eval")
+            self.backbone.freeze(freeze_groups, bn=bn)
         feat_dim = self.backbone.feature_dim
         self.bottleneck: nn.Module = nn.Identity()
         if bottleneck_dim:

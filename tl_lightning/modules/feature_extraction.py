@@ -23,7 +23,6 @@ from tl_lightning.probe import ProbeResult, sweep_logistic_regression
 # Lightning warns when modules are in eval mode at fit start; here that is the point.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
-_SPLITS = {"fit": ("train_set", "val_set"), "validate": ("val_set",), "test": ("test_set",)}
 PROBES = ("sgd", "lbfgs")
 
 
@@ -215,18 +214,13 @@ class FeatureExtractionModule(ClassifierModule):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         datamodule = getattr(self.trainer, "datamodule", None)
-        if not self.hparams.cache_features or datamodule is None:
+        if not self.hparams.cache_features or not hasattr(datamodule, "use_frozen_features"):
             return
-        hp = getattr(datamodule, "hparams", {})
-        if hp.get("augment", "none") != "none" or hp.get("mixup_alpha") or hp.get("cutmix_alpha"):
+        # the datamodule owns its datasets: it swaps in the cached features itself
+        if not datamodule.use_frozen_features(stage, self._cache):
             rank_zero_info(
                 "feature caching off: the train pipeline is random (augment/MixUp/CutMix)"
             )
-            return
-        for split in _SPLITS.get(stage, ()):
-            dataset = getattr(datamodule, split, None)
-            if dataset is not None and not isinstance(dataset, FeatureDataset):
-                setattr(datamodule, split, self._cache(dataset, split))
 
     def _cache(self, dataset, split: str) -> FeatureDataset:
         return cache_split(

@@ -103,7 +103,7 @@ class ProtoNetModule(TransferModule):
     """Prototypical Networks: embedding = backbone (+ projection), classes = support-mean prototypes.
 
     Batches are episodes ``(support, support_labels, query, query_labels)`` (see
-    :class:`~tl_lightning.data.episodic.FewShotDataModule`); labels are any class ids and are
+    :class:`~tl_lightning.data.few_shot.FewShotDataModule`); labels are any class ids and are
     remapped to ``0..N-1`` per episode, so training and evaluation way/shot/query may differ.
     The loss is cross-entropy of the query logits. BatchNorm runs in eval mode at
     validation/test (Lightning's ``model.eval()``).
@@ -282,6 +282,9 @@ class ProtoNetModule(TransferModule):
     def setup(self, stage: str) -> None:
         if self.hparams.channels_last:
             self.backbone.to(memory_format=torch.channels_last)
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
+        if self.uses_cached_embeddings and hasattr(datamodule, "use_frozen_features"):
+            datamodule.use_frozen_features(stage)  # evaluation: embed each split once
 
     def train(self, mode: bool = True) -> ProtoNetModule:
         super().train(mode)
@@ -407,7 +410,7 @@ class ProtoNetModule(TransferModule):
         if not hasattr(datamodule, "support_dataloader"):
             raise ValueError(
                 "ProtoNet predict needs support examples: use "
-                "--data tl_lightning.data.few_shot_folder.FewShotPredictDataModule "
+                "--data tl_lightning.data.few_shot_predict.FewShotPredictDataModule "
                 "--data.support_dir SUPPORT/ --data.query_dir QUERY/"
             )
         self._predict = self.support_prototypes(
@@ -475,7 +478,7 @@ def predict_few_shot(
         >>> preds[0].class_name, round(preds[0].probability, 2)
         ('cat', 0.93)
     """
-    from tl_lightning.data.few_shot_folder import FewShotPredictDataModule
+    from tl_lightning.data.few_shot_predict import FewShotPredictDataModule
 
     if isinstance(model_or_backbone, str):
         model_or_backbone = build_backbone(model_or_backbone)

@@ -11,8 +11,9 @@ from torch.utils.data import DataLoader
 from tl_lightning.backbones import DataConfig
 from tl_lightning.backbones import conv4 as _conv4  # noqa: F401  (registers the default backbone)
 from tl_lightning.data.base import ImageDataModule
-from tl_lightning.data.episodic import LabelledFilesDataset
-from tl_lightning.data.folder import ImageFilesDataset, list_images, skip_failed_collate
+from tl_lightning.data.dataset import ImageDataset, ImageFilesDataset
+from tl_lightning.data.decode import skip_failed_collate
+from tl_lightning.data.listing import list_images
 from tl_lightning.errors import DataError
 
 
@@ -33,7 +34,7 @@ class FewShotPredictDataModule(ImageDataModule):
 
         tl-lightning predict --model tl_lightning.modules.protonet.ProtoNetModule \\
             --model.backbone efficientnet_lite0 --model.freeze_backbone true \\
-            --data tl_lightning.data.few_shot_folder.FewShotPredictDataModule \\
+            --data tl_lightning.data.few_shot_predict.FewShotPredictDataModule \\
             --data.support_dir support/ --data.query_dir queries/
     """
 
@@ -83,7 +84,7 @@ class FewShotPredictDataModule(ImageDataModule):
     def train_labels(self) -> np.ndarray:
         return self.support_dataset().labels
 
-    def support_dataset(self) -> LabelledFilesDataset:
+    def support_dataset(self) -> ImageDataset:
         """Every support image with its class index (unreadable support images are an error)."""
         files, labels = [], []
         for i, name in enumerate(self._names):
@@ -92,13 +93,15 @@ class FewShotPredictDataModule(ImageDataModule):
                 raise DataError(f"support class folder '{self.support_dir / name}' holds no images")
             files += found
             labels += [i] * len(found)
-        return LabelledFilesDataset(
-            files, np.asarray(labels, dtype=np.int64), self.eval_transform()
-        )
+        return ImageDataset(files, np.asarray(labels, dtype=np.int64), self.eval_transform())
 
     def support_dataloader(self) -> DataLoader:
         return DataLoader(
-            self.support_dataset(), batch_size=self.batch_size, shuffle=False, num_workers=0
+            self.support_dataset(),
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=0,
+            collate_fn=skip_failed_collate,  # a broken support image is skipped and reported
         )
 
     def setup(self, stage: str | None = None) -> None:

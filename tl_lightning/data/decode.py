@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, default_collate
 
 from tl_lightning.errors import DataError
 
@@ -129,64 +129,6 @@ def read_skip_log(skip_log: str | Path) -> list[dict[str, str]]:
             return [dict(zip(SKIP_LOG_FIELDS, row, strict=False)) for row in csv.reader(f) if row]
     except FileNotFoundError:
         return []
-
-
-class SkippingDataset(Dataset):
-    """Base of datasets that decode files: ``load(path)`` gives an image or a :class:`FailedSample`.
-
-    The datamodule sets ``skip_log`` (the run's CSV) and ``split`` before the loader is built.
-    """
-
-    skip_log: str | None = None
-    split: str = "data"
-
-    def load(self, path: str | Path) -> Image.Image | torch.Tensor | FailedSample:
-        try:
-            return load_rgb(path)
-        except DECODE_ERRORS as e:
-            reason = failure_reason(e)
-            record_skip(self.skip_log, self.split, path, reason)
-            return FailedSample(str(path), reason)
-
-
-def list_images(root: str | Path) -> list[Path]:
-    """Image files under ``root`` (recursive, sorted, by extension)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder '{root}' does not exist")
-    return sorted(
-        p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-    )
-
-
-class ImageFilesDataset(SkippingDataset):
-    """Every image file under a folder, transformed, as ``(image, path)``.
-
-    An unreadable file yields a :class:`FailedSample`; use with :func:`skip_failed_collate`.
-
-    Example:
-        >>> ds = ImageFilesDataset("my_images/", transform=None)  # doctest: +SKIP
-        >>> image, path = ds[0]  # doctest: +SKIP
-    """
-
-    def __init__(self, root: str | Path, transform=None):
-        self.files = list_images(root)
-        if not self.files:
-            raise DataError(
-                f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under '{root}'; "
-                f"point it at a folder that holds image files"
-            )
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int):
-        path = self.files[index]
-        image = self.load(path)
-        if isinstance(image, FailedSample):
-            return image
-        return (self.transform(image) if self.transform else image), str(path)
 
 
 def is_failed(sample) -> bool:

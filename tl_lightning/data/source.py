@@ -1,0 +1,82 @@
+"""The one source contract: labelled images (items, labels, class names, how to load one item).
+
+Every dataset has one loader that returns :class:`LabelledImages` (``digits.load_digits``,
+``digits_m.load_digits_m``, ``cifar10.load_cifar10``, ``flowers102.load_flowers102``,
+``scan.load_scanned_folder`` for Cats-vs-Dogs and any class folder); datamodules compose them:
+a classification datamodule splits one into train/val/test, the few-shot one splits its classes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tl_lightning.data.dataset import ImageDataset
+
+
+@dataclass
+class LabelledImages:
+    """Labelled images from one dataset.
+
+    Attributes:
+        items: a uint8 ``[N, 3, H, W]`` tensor (in memory) or ``N`` image paths (decoded when read).
+        labels: int64 ``[N]`` indices into ``class_names``.
+        class_names: the name of each class id.
+        splits: the dataset's official splits (``{"train": indices, "test": indices}``), if any.
+        whole_image: small in-memory images that are resized whole, never center-cropped (at
+            32 px every border pixel counts); ``False`` for photos in files.
+        hflip: a mirrored image keeps its label (``False`` for digits: a mirrored digit is
+            another symbol).
+
+    Example:
+        >>> images = LabelledImages(torch.zeros(4, 3, 8, 8, dtype=torch.uint8),
+        ...                         np.array([0, 1, 0, 1]), ["a", "b"])
+        >>> images.subset([1, 3]).labels.tolist(), len(images.dataset([0, 2]))
+        ([1, 1], 2)
+    """
+
+    items: torch.Tensor | list[Path]
+    labels: np.ndarray
+    class_names: list[str]
+    splits: dict[str, np.ndarray] = field(default_factory=dict)
+    whole_image: bool = False
+    hflip: bool = True
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if len(self.items) != len(self.labels):
+            raise ValueError(f"{len(self.items)} items but {len(self.labels)} labels")
+        if len(self.labels) and not 0 <= self.labels.min() <= self.labels.max() < len(
+            self.class_names
+        ):
+            raise ValueError(
+                f"labels must be class ids 0..{len(self.class_names) - 1}, got "
+                f"{self.labels.min()}..{self.labels.max()}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _take(self, indices: np.ndarray):
+        if isinstance(self.items, torch.Tensor):
+            return self.items[torch.as_tensor(indices, dtype=torch.long)]
+        return [self.items[i] for i in indices]
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> LabelledImages:
+        """These images at ``indices`` (official splits are dropped: they index the whole set)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        return dataclasses.replace(
+            self, items=self._take(indices), labels=self.labels[indices], splits={}
+        )
+
+    def dataset(self, indices: Sequence[int] | np.ndarray | None = None, transform=None):
+        """The :class:`ImageDataset` of the images at ``indices`` (all by default)."""
+        if indices is None:
+            return ImageDataset(self.items, self.labels, transform)
+        indices = np.asarray(indices, dtype=np.int64)
+        return ImageDataset(self._take(indices), self.labels[indices], transform)

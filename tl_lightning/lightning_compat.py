@@ -1,0 +1,55 @@
+"""The one place that reaches into Lightning's private API (written for Lightning 2.6).
+
+Each use has no public hook in Lightning 2.6; ``tests/test_lightning_compat.py`` fails when an
+upgrade removes or changes one, and ``pyproject.toml`` pins ``lightning>=2.6,<2.7`` until then.
+``cli.py``'s ``TLCLI`` also overrides LightningCLI's private ``_add_subcommands``,
+``_run_subcommand`` and ``_parse_ckpt_path`` (checked by the same test).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from lightning.pytorch.cli import _get_short_description
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+
+LIGHTNING_WRITTEN_FOR = "2.6"
+
+
+@contextlib.contextmanager
+def own_hyperparameters() -> Iterator[None]:
+    """Let a datamodule built inside another one record its own arguments.
+
+    While LightningCLI instantiates a class it hands the class's config to every
+    ``save_hyperparameters()`` called meanwhile (``_given_hyperparameters``, a context var);
+    a nested datamodule would record the outer config.
+    """
+    token = _given_hyperparameters.set(None)
+    try:
+        yield
+    finally:
+        _given_hyperparameters.reset(token)
+
+
+def configured_checkpoint_io(strategy: Any) -> Any | None:
+    """The CheckpointIO a user configured on ``strategy``, or None (the public
+    ``strategy.checkpoint_io`` property creates a default one instead of saying "none")."""
+    return getattr(strategy, "_checkpoint_io", None)
+
+
+def logger_version_chosen(logger: Any) -> bool:
+    """Whether a TensorBoard/CSV logger has fixed its ``version_N`` folder (reading the public
+    ``logger.version`` would fix it)."""
+    return getattr(logger, "_version", "") is not None
+
+
+def choose_logger_version(logger: Any, version: str) -> None:
+    """Make a logger that has not chosen yet log into ``version`` (a resumed run's folder)."""
+    logger._version = version
+
+
+def short_description(fn: Callable) -> str:
+    """The first docstring line LightningCLI shows for a subcommand."""
+    return _get_short_description(fn)
