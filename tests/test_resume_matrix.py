@@ -1,0 +1,107 @@
+"""Resume equality: a run SIGKILLed mid-epoch and resumed with ``--ckpt_path last`` ends with the
+weights of the uninterrupted run (max |w diff| <= 1e-6), on the paths shipped configs take.
+
+Each case: an uninterrupted fit (in this process), the same fit in a child process killed by
+SIGKILL at a mid-epoch step (``tests.test_faults.KillAtStep``), then ``--ckpt_path last``.
+Tiny nets, 16 px digits, 2 epochs of a few steps.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tl_lightning.cli import run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL = 1e-6
+
+BASE = """
+seed_everything: 0
+model:
+  class_path: tl_lightning.modules.finetune.FineTuneModule
+  init_args:
+    backbone: conv4
+    weights: null
+    head_dropout: 0.3
+    optimizer:
+      class_path: torch.optim.AdamW
+      init_args: {lr: 0.003}
+data:
+  class_path: tl_lightning.data.DigitsDataModule
+  init_args:
+    image_size: 16
+    batch_size: 32
+    augment: basic
+    split: [0.1, 0.05, 0.85]   # 179 train images: 5 steps per epoch
+trainer:
+  max_epochs: 2
+  accelerator: cpu
+  devices: 1
+  enable_progress_bar: false
+  enable_model_summary: false
+  num_sanity_val_steps: 0
+checkpoint:
+  every_n_train_steps: 2
+"""
+
+SCHEDULERS = {
+    "none": [],
+    "step": ["--model.init_args.lr_scheduler=torch.optim.lr_scheduler.StepLR",
+             "--model.init_args.lr_scheduler.step_size=1", "--model.init_args.lr_scheduler.gamma=0.5"],
+    "onecycle": ["--model.init_args.lr_scheduler=tl_lightning.optim.OneCycleLR"],
+    "warmup_cosine": ["--model.init_args.lr_scheduler=tl_lightning.optim.WarmupCosine",
+                      "--model.init_args.lr_scheduler.warmup_fraction=0.2"],
+    "plateau": ["--model.init_args.lr_scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau",
+                "--model.init_args.lr_scheduler.patience=0"],
+}  # fmt: skip
+
+
+def max_weight_diff(a: Path, b: Path) -> float:
+    wa = torch.load(a, map_location="cpu", weights_only=True)["state_dict"]
+    wb = torch.load(b, map_location="cpu", weights_only=True)["state_dict"]
+    assert wa.keys() == wb.keys()
+    return max((wa[k].double() - wb[k].double()).abs().max().item() for k in wa if wa[k].numel())
+
+
+def kill_resume_compare(tmp_path: Path, config: str, args: list[str], kill_step: int) -> tuple:
+    """Uninterrupted fit, killed child, resume; returns (max |w diff|, resumed cli, killed ckpt)."""
+    (tmp_path / "case.yaml").write_text(config)
+    common = ["--config", "case.yaml", *args]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # same float reduction order as the OMP_NUM_THREADS=1 child
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        run_cli(["fit", *common, "--trainer.logger=false", "--checkpoint.dirpath=uninterrupted"])
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        killer = ["--trainer.callbacks+=tests.test_faults.KillAtStep",
+                  f"--trainer.callbacks.step={kill_step}"]  # fmt: skip
+        cmd = [sys.executable, "-m", "tl_lightning", "fit", *common, *killer]
+        killed = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                                timeout=300)  # fmt: skip
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+        last = next((tmp_path / "runs").glob("*/version_0/checkpoints/last.ckpt"))
+        at_kill = torch.load(last, map_location="cpu", weights_only=True)
+        cli = run_cli(["fit", *common, "--ckpt_path", "last"])
+    finally:
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
+    return max_weight_diff(tmp_path / "uninterrupted/last.ckpt", last), cli, at_kill
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
+def test_finetune_resume_matches_uninterrupted(scheduler, workers, tmp_path):
+    args = [*SCHEDULERS[scheduler], f"--data.init_args.num_workers={workers}"]
+    diff, cli, at_kill = kill_resume_compare(tmp_path, BASE, args, kill_step=3)
+    assert at_kill["global_step"] == 2 and at_kill["epoch"] == 0  # killed mid-epoch 0
+    assert cli.trainer.global_step == 10
+    assert cli.trainer.logger.version == 0  # not the folder name 'version_0' (v_num=on_0)
+    assert diff <= TOL, f"{scheduler}, {workers} workers: max |w diff| {diff:.3g}"
