@@ -163,6 +163,10 @@ def resolve_last(trainer: Any, ckpt_path: str | None) -> str | None:
         return ckpt_path
     newest = max(found, key=lambda p: p.stat().st_mtime)
     if getattr(logger, "_version", "") is None:  # not yet chosen: log into the resumed run's folder
-        logger._version = newest.parent.parent.name
+        folder = newest.parent.parent.name
+        # the logger names its folders version_<int>; a string version would become the folder
+        # name as is, but the progress bar shows its last 4 characters (v_num=on_0)
+        number = folder.removeprefix("version_")
+        logger._version = int(number) if number.isdigit() else folder
     log.info("resuming from %s", newest)
     return str(newest)
