@@ -8,6 +8,7 @@ Tiny nets, 16 px digits, 2 epochs of a few steps.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Callback
 
 from tl_lightning.cli import run_cli
 
@@ -105,3 +107,63 @@ def test_finetune_resume_matches_uninterrupted(scheduler, workers, tmp_path):
     assert cli.trainer.global_step == 10
     assert cli.trainer.logger.version == 0  # not the folder name 'version_0' (v_num=on_0)
     assert diff <= TOL, f"{scheduler}, {workers} workers: max |w diff| {diff:.3g}"
+
+
+class RecordLR(Callback):
+    """Record the first param group's LR before every optimizer step."""
+
+    def __init__(self) -> None:
+        self.lrs: dict[int, float] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.lrs[trainer.global_step] = trainer.optimizers[0].param_groups[-1]["lr"]
+
+
+def test_extending_a_one_cycle_run_continues_on_the_longer_cycle(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tiny = ["--config", str(ROOT / "configs/digits/fine_tune_fastai.yaml"),
+            "--model.init_args.backbone=conv4", "--model.init_args.weights=null",
+            "--data.init_args.image_size=16", "--data.init_args.batch_size=32",
+            "--data.init_args.split=[0.1, 0.05, 0.85]", "--trainer.accelerator=cpu",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+            "--trainer.num_sanity_val_steps=0", "--trainer.logger.init_args.save_dir=runs"]  # fmt: skip
+    run_cli(["fit", *tiny, "--trainer.max_epochs=2"])  # 1 frozen + 1 unfrozen epoch, 5 steps each
+    cli = run_cli(["fit", *tiny, "--trainer.max_epochs=4", "--ckpt_path", "last",
+                   "--trainer.callbacks+=tests.test_resume_matrix.RecordLR"])  # fmt: skip
+    recorder = next(c for c in cli.trainer.callbacks if isinstance(c, RecordLR))
+    assert cli.trainer.global_step == 20
+    # the unfrozen phase (epochs 1-3) is one cycle of 15 steps; 5 of them were taken before:
+    # the extended run's LRs are torch's OneCycleLR of 15 steps from its 6th step on
+    group = cli.trainer.optimizers[0].param_groups[-1]
+    reference_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=group["max_lr"])
+    reference = torch.optim.lr_scheduler.OneCycleLR(
+        reference_opt, max_lr=group["max_lr"], total_steps=15, pct_start=0.3, div_factor=5.0
+    )
+    expected = []
+    for _ in range(15):
+        expected.append(reference_opt.param_groups[0]["lr"])
+        reference_opt.step()
+        reference.step()
+    got = [recorder.lrs[step] for step in range(10, 20)]
+    assert got == pytest.approx(expected[5:], rel=1e-6)
+
+
+def test_extended_warmup_cosine_continues_on_the_curve_of_the_new_length():
+    from tl_lightning.optim import WarmupCosine
+
+    def opt():
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+
+    short_opt = opt()
+    short = WarmupCosine(short_opt, total_steps=10, warmup_fraction=0.2)
+    for _ in range(6):
+        short_opt.step()
+        short.step()
+    longer_opt = opt()
+    longer_opt.load_state_dict(short_opt.state_dict())  # Lightning restores optimizers first
+    longer = WarmupCosine(longer_opt, total_steps=20, warmup_fraction=0.2)
+    longer.load_state_dict(short.state_dict())
+    # step 6 of 20 with 4 warm-up steps: cosine progress (6 - 4) / (20 - 4)
+    expected = 0.1 * 0.5 * (1 + math.cos(math.pi * 2 / 16))
+    assert longer_opt.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-9)
+    assert longer.total_steps == 20 and longer.last_epoch == 6
