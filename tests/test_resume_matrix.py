@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Callback
+from lightning.pytorch import Callback, LightningModule, Trainer
 
 from tl_lightning.cli import run_cli
 
@@ -167,3 +167,60 @@ def test_extended_warmup_cosine_continues_on_the_curve_of_the_new_length():
     expected = 0.1 * 0.5 * (1 + math.cos(math.pi * 2 / 16))
     assert longer_opt.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-9)
     assert longer.total_steps == 20 and longer.last_epoch == 6
+
+
+# --- a batch where every image failed ---------------------------------------------------------
+class _SeenBatches(LightningModule):
+    def __init__(self, seen: list) -> None:
+        super().__init__()
+        self.w, self.seen = torch.nn.Parameter(torch.zeros(1)), seen
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append((self.trainer.global_step, batch.flatten().tolist()))
+        return (self.w * batch).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class _SaveAt(Callback):
+    def __init__(self, step: int, path: Path) -> None:
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+
+
+@pytest.mark.parametrize(
+    ("failed_batch", "save_step"),
+    [(0, 1), (1, 1), (1, 3), (9, 8), (9, 9)],  # (9, 9): saved after the last good batch of epoch 0
+)
+def test_resume_around_a_batch_where_every_image_failed(failed_batch, save_step, tmp_path):
+    from tl_lightning.data.base import ResumableSkipFailedDataLoader
+    from tl_lightning.data.folder import skip_failed_collate
+    from tl_lightning.data.resumable_sampler import ResumableRandomSampler
+
+    order = ResumableRandomSampler(20, seed=0).order()  # epoch 0: 10 batches of 2
+    bad = set(order[2 * failed_batch : 2 * failed_batch + 2])
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return 20
+
+        def __getitem__(self, i):
+            return None if i in bad else torch.tensor([float(i)])
+
+    def loader():
+        return ResumableSkipFailedDataLoader(Data(), batch_size=2, collate_fn=skip_failed_collate,
+                                             sampler=ResumableRandomSampler(20, seed=0))  # fmt: skip
+
+    quiet = dict(max_epochs=2, logger=False, enable_checkpointing=False,
+                 enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    full, resumed = [], []
+    Trainer(callbacks=[_SaveAt(save_step, tmp_path / "mid.ckpt")], **quiet).fit(
+        _SeenBatches(full), loader()
+    )
+    Trainer(**quiet).fit(_SeenBatches(resumed), loader(), ckpt_path=tmp_path / "mid.ckpt")
+    assert len(full) == 19  # one batch of epoch 0 dropped, none of epoch 1
+    assert resumed == [(step, batch) for step, batch in full if step >= save_step]
