@@ -224,3 +224,37 @@ def test_resume_around_a_batch_where_every_image_failed(failed_batch, save_step,
     Trainer(**quiet).fit(_SeenBatches(resumed), loader(), ckpt_path=tmp_path / "mid.ckpt")
     assert len(full) == 19  # one batch of epoch 0 dropped, none of epoch 1
     assert resumed == [(step, batch) for step, batch in full if step >= save_step]
+
+
+# --- augmentation: a function of (seed, epoch, sample index) --------------------------------
+def test_random_augmentation_gives_the_same_weights_for_0_and_2_workers(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "case.yaml").write_text(BASE)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for workers in (0, 2):
+            run_cli(["fit", "--config", "case.yaml", "--trainer.logger=false",
+                     "--data.init_args.augment=strong", f"--data.init_args.num_workers={workers}",
+                     f"--checkpoint.dirpath=w{workers}"])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert max_weight_diff(tmp_path / "w0/last.ckpt", tmp_path / "w2/last.ckpt") == 0.0
+
+
+def test_each_sample_is_augmented_from_seed_epoch_and_index_alone():
+    from tl_lightning.data import DigitsDataModule
+
+    def batches(workers: int, epoch: int) -> list[torch.Tensor]:
+        dm = DigitsDataModule(backbone="conv4", weights=None, image_size=16, batch_size=16,
+                              augment="strong", num_workers=workers, split=[0.1, 0.05, 0.85])  # fmt: skip
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        torch.manual_seed(workers)  # the global stream must not matter
+        return [x for x, _ in loader]
+
+    zero, two = batches(0, 1), batches(2, 1)
+    assert all(torch.equal(a, b) for a, b in zip(zero, two, strict=True))
+    other_epoch = batches(0, 2)
+    assert not torch.equal(torch.cat(zero).sum(0), torch.cat(other_epoch).sum(0))

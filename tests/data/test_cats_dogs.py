@@ -208,7 +208,7 @@ def test_weighted_sampler_balances_an_imbalanced_set(class_folder):
     epochs = []
     for epoch in range(20):  # 20 epochs of indices, each epoch its own draw
         sampler.set_epoch(epoch)
-        epochs.append(labels[list(sampler)])
+        epochs.append(labels[sampler.order()])  # the indices (the loader gets (epoch, index))
     drawn = np.concatenate(epochs)
     rare_share = (drawn == 1).mean()
     assert 0.4 < rare_share < 0.6, rare_share  # ~1/2 instead of 1/9

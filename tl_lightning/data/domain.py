@@ -12,6 +12,8 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
 from tl_lightning.data.base import ImageDataModule
+from tl_lightning.data.resumable_sampler import ResumableDataLoader, ResumableRandomSampler
+from tl_lightning.data.seeded_samples import SeededSamples
 from tl_lightning.errors import DataError
 
 PASSED_DOWN = ("backbone", "weights", "image_size", "batch_size")
@@ -159,10 +161,13 @@ class DomainAdaptationDataModule(LightningDataModule):
             raise RuntimeError(
                 "DomainAdaptationDataModule has no target train split; call setup() first"
             )
-        target_loader = DataLoader(
-            ImagesOnly(target.train_set),
+        seed = target.hparams.seed + 1  # an order of its own, not the source's permutation
+        # resumable mid-epoch and augmented per (seed, epoch, index), like the source loader
+        target_loader = ResumableDataLoader(
+            SeededSamples(ImagesOnly(target.train_set), seed),
             batch_size=target.batch_size,
-            shuffle=True,
+            sampler=ResumableRandomSampler(len(target.train_set), seed=seed, keyed=True),
+            seed=seed,
             num_workers=target.num_workers,
             persistent_workers=target.num_workers > 0,
             drop_last=len(target.train_set) > target.batch_size,
