@@ -258,3 +258,26 @@ def test_each_sample_is_augmented_from_seed_epoch_and_index_alone():
     assert all(torch.equal(a, b) for a, b in zip(zero, two, strict=True))
     other_epoch = batches(0, 2)
     assert not torch.equal(torch.cat(zero).sum(0), torch.cat(other_epoch).sum(0))
+
+
+# --- DDP: each rank restores its own random state ---------------------------------------------
+@pytest.mark.parametrize("rank", [0, 1])
+def test_each_rank_restores_its_own_rng_state(rank):
+    from types import SimpleNamespace
+
+    from tl_lightning.callbacks.rng_state import RNGStateCheckpoint, _collect_rng_states
+
+    streams, expected = [], []
+    for seed in (10, 11):  # what rank 0 and rank 1 held at the save
+        torch.manual_seed(seed)
+        streams.append(_collect_rng_states())
+        expected.append(torch.rand(3))
+    callback = RNGStateCheckpoint()
+    callback.load_state_dict({"rng": streams[0], "rng_per_rank": streams})
+    torch.manual_seed(0)
+    callback.on_train_start(SimpleNamespace(world_size=2, global_rank=rank), None)
+    assert torch.equal(torch.rand(3), expected[rank])
+    # a checkpoint from another world size (or without per-rank states): rank 0's stream
+    callback.load_state_dict({"rng": streams[0]})
+    callback.on_train_start(SimpleNamespace(world_size=2, global_rank=rank), None)
+    assert torch.equal(torch.rand(3), expected[0])
