@@ -9,6 +9,7 @@ Tiny nets, 16 px digits, 2 epochs of a few steps.
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -72,23 +73,33 @@ def max_weight_diff(a: Path, b: Path) -> float:
     return max((wa[k].double() - wb[k].double()).abs().max().item() for k in wa if wa[k].numel())
 
 
+def _fit_then_sigkill(args: list[str]) -> None:
+    run_cli(args)  # KillAtStep SIGKILLs this process mid-epoch
+    os._exit(0)  # not reached when the kill works
+
+
 def kill_resume_compare(tmp_path: Path, config: str, args: list[str], kill_step: int) -> tuple:
-    """Uninterrupted fit, killed child, resume; returns (max |w diff|, resumed cli, killed ckpt)."""
+    """Uninterrupted fit, killed child, resume; returns (max |w diff|, resumed cli, killed ckpt).
+
+    The killed run is a forked child (no second import of torch), SIGKILLed by
+    ``tests.test_faults.KillAtStep``.
+    """
     (tmp_path / "case.yaml").write_text(config)
     common = ["--config", "case.yaml", *args]
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # same float reduction order as the OMP_NUM_THREADS=1 child
+    torch.set_num_threads(1)  # one float reduction order in every run
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
         run_cli(["fit", *common, "--trainer.logger=false", "--checkpoint.dirpath=uninterrupted"])
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
         killer = ["--trainer.callbacks+=tests.test_faults.KillAtStep",
                   f"--trainer.callbacks.step={kill_step}"]  # fmt: skip
-        cmd = [sys.executable, "-m", "tl_lightning", "fit", *common, *killer]
-        killed = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
-                                timeout=300)  # fmt: skip
-        assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+        child = multiprocessing.get_context("fork").Process(
+            target=_fit_then_sigkill, args=(["fit", *common, *killer],)
+        )
+        child.start()
+        child.join(timeout=300)
+        assert child.exitcode == -signal.SIGKILL, child.exitcode
         last = next((tmp_path / "runs").glob("*/version_0/checkpoints/last.ckpt"))
         at_kill = torch.load(last, map_location="cpu", weights_only=True)
         cli = run_cli(["fit", *common, "--ckpt_path", "last"])
@@ -281,3 +292,68 @@ def test_each_rank_restores_its_own_rng_state(rank):
     callback.load_state_dict({"rng": streams[0]})
     callback.on_train_start(SimpleNamespace(world_size=2, global_rank=rank), None)
     assert torch.equal(torch.rand(3), expected[0])
+
+
+# --- each module, and each shipped config on offline data -------------------------------------
+TINY = ["--trainer.max_epochs=2", "--trainer.limit_train_batches=4", "--trainer.limit_val_batches=1",
+        "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false", "--trainer.accelerator=cpu",
+        "--checkpoint.every_n_train_steps=2"]  # fmt: skip
+RESNET16 = ["--model.init_args.backbone=resnet18", "--model.init_args.weights=null",
+            "--data.init_args.image_size=16"]  # fmt: skip
+DANN = ["--trainer.max_epochs=-1", "--trainer.max_steps=8", "--trainer.val_check_interval=4",
+        "--trainer.limit_train_batches=null", "--data.init_args.batch_size=32"]  # fmt: skip
+# config -> (overrides, kill step); saves every 2 steps, so the resume point is the last even step
+CONFIG_CASES = {
+    "quickstart (FeatureExtraction, cached)": ("quickstart.yaml", [*RESNET16], 3),
+    "quickstart (FeatureExtraction, uncached)": (
+        "quickstart.yaml", [*RESNET16, "--model.init_args.cache_features=false"], 3),
+    "digits/finetune": ("digits/finetune.yaml", [*RESNET16], 3),
+    "digits/gradual_seeds": ("digits/gradual_seeds.yaml",
+                             ["--model.init_args.weights=null", "--data.init_args.image_size=32"], 3),
+    "dann/digits_to_digitsm (DANN)": ("dann/digits_to_digitsm.yaml", DANN, 5),
+    "dann/digits_to_digitsm_source_only": ("dann/digits_to_digitsm_source_only.yaml", DANN, 5),
+    "protonet/digits_5way (ProtoNet)": (
+        "protonet/digits_5way.yaml",
+        ["--data.init_args.train_episodes=4", "--data.init_args.val_episodes=1"], 3),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(CONFIG_CASES))
+def test_shipped_config_resumes_to_the_uninterrupted_weights(case, tmp_path, monkeypatch):
+    config, overrides, kill_step = CONFIG_CASES[case]
+    monkeypatch.setenv("TL_LIGHTNING_CACHE", str(tmp_path / "cache"))
+    text = (ROOT / "configs" / config).read_text()
+    diff, cli, at_kill = kill_resume_compare(tmp_path, text, [*TINY, *overrides], kill_step)
+    assert at_kill["global_step"] == kill_step // 2 * 2  # the last save before the kill
+    assert cli.trainer.global_step > at_kill["global_step"]
+    assert diff <= TOL, f"{case}: max |w diff| {diff:.3g}"
+
+
+# --- two-process CPU DDP ------------------------------------------------------------------------
+def test_two_process_ddp_resume_matches_uninterrupted(tmp_path):
+    (tmp_path / "case.yaml").write_text(BASE)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    ddp = ["--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.accelerator=cpu",
+           "--model.init_args.lr_scheduler=tl_lightning.optim.OneCycleLR",
+           "--data.init_args.batch_size=16"]  # fmt: skip
+
+    def fit(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "tl_lightning", "fit", "--config", "case.yaml", *ddp, *args]
+        return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=240)  # fmt: skip
+
+    done = fit("--trainer.logger=false", "--checkpoint.dirpath=uninterrupted")
+    assert done.returncode == 0, done.stderr[-3000:]
+    # 179 images over 2 ranks: 5 steps of 16 per epoch; every rank kills itself at step 3
+    killed = fit("--trainer.callbacks+=tests.test_faults.KillAtStep", "--trainer.callbacks.step=3")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    last = tmp_path / "runs/default/version_0/checkpoints/last.ckpt"
+    at_kill = torch.load(last, map_location="cpu", weights_only=True)
+    assert at_kill["global_step"] == 2 and at_kill["epoch"] == 0
+    rng = next(v for k, v in at_kill["callbacks"].items() if "RNGStateCheckpoint" in k)
+    assert len(rng["rng_per_rank"]) == 2  # each rank's own stream
+    resumed = fit("--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    diff = max_weight_diff(tmp_path / "uninterrupted/last.ckpt", last)
+    assert diff <= TOL, f"2-process DDP: max |w diff| {diff:.3g}"

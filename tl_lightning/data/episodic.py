@@ -21,6 +21,7 @@ from tl_lightning.data.base import ImageDataModule, stratified_split
 from tl_lightning.data.cifar10 import CIFAR10_CLASSES
 from tl_lightning.data.digits import TensorImageDataset, load_digits_images
 from tl_lightning.data.folder import list_images, load_rgb
+from tl_lightning.data.resumable_sampler import ResumableDataLoader
 from tl_lightning.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -507,7 +508,9 @@ class FewShotDataModule(ImageDataModule):
             reseed_each_epoch=train,
             episodes_per_batch=per_batch,
         )
-        return DataLoader(
+        # training episodes are a function of (seed, epoch): resumable mid-epoch
+        loader_class = ResumableDataLoader if train else DataLoader
+        return loader_class(
             dataset,
             batch_sampler=sampler,
             collate_fn=EpisodeCollate(way, shot, query if cached else None),

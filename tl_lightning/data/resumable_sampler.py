@@ -123,7 +123,11 @@ class ResumableDataLoader(DataLoader):
 
     @property
     def _epoch_sampler(self) -> Any:
-        return self.sampler if hasattr(self.sampler, "set_epoch") else None
+        # a batch sampler with set_epoch (episodes) orders the data when there is one
+        for sampler in (self.batch_sampler, self.sampler):
+            if hasattr(sampler, "set_epoch"):
+                return sampler
+        return None
 
     @property
     def _index_sampler(self) -> Any:
