@@ -215,7 +215,7 @@ def test_weighted_sampler_balances_an_imbalanced_set(class_folder):
     plain = CatsDogsDataModule(data_dir=str(folder), **SMALL)
     plain.setup("fit")
     plain_sampler = plain.train_dataloader().sampler
-    assert sorted(plain_sampler) == list(range(len(plain.train_set)))  # a permutation, no weights
+    assert sorted(plain_sampler.order()) == list(range(len(plain.train_set)))  # a permutation, no weights
 
 
 def write_config(tmp_path: Path, data_args: str, model: str = "FeatureExtractionModule") -> Path:
