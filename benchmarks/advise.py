@@ -48,7 +48,7 @@ def subset_datamodule(dataset: str, fraction: float, image_size: int, batch_size
     import numpy as np
 
     from tl_lightning.data import DigitsDataModule, DigitsMDataModule
-    from tl_lightning.data.base import stratified_split
+    from tl_lightning.data.split import stratified_split
 
     base = DigitsMDataModule if dataset == "digits_m" else DigitsDataModule
 

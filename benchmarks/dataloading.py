@@ -39,7 +39,7 @@ from torchvision.io import ImageReadMode, decode_jpeg, read_file
 from torchvision.transforms import v2
 
 from tl_lightning.backbones import resolve_data_config
-from tl_lightning.data import folder
+from tl_lightning.data import decode
 from tl_lightning.data.decode import load_rgb
 from tl_lightning.data.listing import list_images
 from tl_lightning.data.transforms import train_transform
@@ -174,7 +174,7 @@ def main() -> None:
         )
         step = step_rate(args.batch, args.step_iters)
         rows = [["train step alone (in-memory batch)", "-", fmt(step, 1), "1.00x"]]
-        fast = "TorchCodec" if folder.fast_jpeg_decoder() else "PIL (torchcodec missing)"
+        fast = "TorchCodec" if decode.fast_jpeg_decoder() else "PIL (torchcodec missing)"
         variants = [
             ("PIL + transforms v2", PILFiles(files, tf), None),
             (f"library load_rgb ({fast}) + transforms v2", LibraryFiles(files, tf), None),

@@ -232,6 +232,7 @@ class SameOrderDigits(DigitsDataModule):
     def train_dataloader(self):
         inner = super().train_dataloader().sampler
         sampler = DistributedSamplerWrapper(inner, num_replicas=1, rank=0, shuffle=True, seed=0)
+        sampler.keyed = inner.keyed  # it yields the inner sampler's (epoch, index) keys
         return self._loader(self.train_set, "train", train=True, sampler=sampler)
 
 

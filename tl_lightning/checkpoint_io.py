@@ -84,6 +84,10 @@ def resolve_last(trainer: Any, ckpt_path: str | None) -> str | None:
         return ckpt_path
     newest = max(found, key=lambda p: p.stat().st_mtime)
     if not logger_version_chosen(logger):  # log into the resumed run's folder
-        choose_logger_version(logger, newest.parent.parent.name)
+        folder = newest.parent.parent.name
+        # the logger names its folders version_<int>; a string version would become the folder
+        # name as is, but the progress bar shows its last 4 characters (v_num=on_0)
+        number = folder.removeprefix("version_")
+        choose_logger_version(logger, int(number) if number.isdigit() else folder)
     log.info("resuming from %s", newest)
     return str(newest)

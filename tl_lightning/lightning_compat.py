@@ -45,7 +45,7 @@ def logger_version_chosen(logger: Any) -> bool:
     return getattr(logger, "_version", "") is not None
 
 
-def choose_logger_version(logger: Any, version: str) -> None:
+def choose_logger_version(logger: Any, version: int | str) -> None:
     """Make a logger that has not chosen yet log into ``version`` (a resumed run's folder)."""
     logger._version = version
 

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import math
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
+
+log = logging.getLogger(__name__)
 
 
 def make_optimizer(factory: Callable, groups: Sequence[dict]) -> Optimizer:
@@ -60,10 +64,52 @@ def make_scheduler(factory: Callable, optimizer: Optimizer, total_steps: int, mo
     return config
 
 
-class OneCycleLR(torch.optim.lr_scheduler.OneCycleLR):
+class _LengthOfThisRun:
+    """Mixin for schedules that are a function of ``total_steps``: a restored state keeps this run's.
+
+    A checkpoint restores the step count, not the length the run now has (``--trainer.max_epochs``
+    raised on resume): the schedule continues on the curve of the new length from the step
+    reached, and this step's LR (and cycled momentum) are set from it at once.
+    """
+
+    total_steps: int
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        total, kept = self.total_steps, self._length_state()
+        super().load_state_dict(state_dict)
+        if self.total_steps == total:
+            return
+        log.info("%s: the checkpoint's schedule had %d steps, this run's has %d; continuing on the new curve",
+                 type(self).__name__, self.total_steps, total)
+        self.total_steps = total
+        self.__dict__.update(kept)
+        with warnings.catch_warnings():  # get_lr outside step(): wanted here
+            warnings.simplefilter("ignore")
+            lrs = self.get_lr()  # OneCycleLR also sets this step's momentum
+        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        self._last_lr = list(lrs)
+
+    def _length_state(self) -> dict:
+        return {}
+
+
+class OneCycleLR(_LengthOfThisRun, torch.optim.lr_scheduler.OneCycleLR):
     """OneCycleLR whose peak defaults to each group's own LR, keeping discriminative LRs.
 
     torch's version needs ``max_lr`` and would give every group the same peak.
+
+    Extending a run (``--ckpt_path last --trainer.max_epochs <more>``) keeps the cycle this run
+    was built for (``_LengthOfThisRun``): the remaining steps follow the longer cycle from the
+    step reached (the LR jumps to that point of the new curve) instead of stepping past the old
+    end (torch's ``Tried to step N times``).
+
+    Example:
+        >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        >>> short = OneCycleLR(opt, total_steps=10); saved = short.state_dict()
+        >>> longer = OneCycleLR(opt, total_steps=20); longer.load_state_dict(saved)
+        >>> longer.total_steps
+        20
     """
 
     def __init__(self, optimizer: Optimizer, total_steps: int | None = None, max_lr: float | list[float] | None = None, pct_start: float = 0.25, **kwargs):
@@ -73,14 +119,22 @@ class OneCycleLR(torch.optim.lr_scheduler.OneCycleLR):
             pct_start = min(0.5, max(pct_start, 2.0 / total_steps))
         super().__init__(optimizer, max_lr=max_lr, total_steps=total_steps, pct_start=pct_start, **kwargs)
 
+    def _length_state(self) -> dict:
+        return {"_schedule_phases": self._schedule_phases}  # phase end steps follow the length
 
-class WarmupCosine(LambdaLR):
-    """Linear warm-up for ``warmup_fraction`` of the run, then cosine decay to ``min_ratio`` x LR."""
+
+class WarmupCosine(_LengthOfThisRun, LambdaLR):
+    """Linear warm-up for ``warmup_fraction`` of the run, then cosine decay to ``min_ratio`` x LR.
+
+    A run extended with more epochs continues on the curve of its new length from the step
+    reached (see ``_LengthOfThisRun``).
+    """
 
     def __init__(self, optimizer: Optimizer, total_steps: int | None = None, warmup_fraction: float = 0.05, min_ratio: float = 0.0):
         if total_steps is None:
             raise ValueError("WarmupCosine needs total_steps (set automatically when used from a tl-lightning module)")
         warmup = max(1, int(warmup_fraction * total_steps))
+        self.total_steps = total_steps  # saved in state_dict; the curve (a closure) is not
 
         def factor(step: int) -> float:
             if step < warmup:

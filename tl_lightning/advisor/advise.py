@@ -10,7 +10,6 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -34,7 +33,7 @@ from tl_lightning.advisor.rule import (
 from tl_lightning.advisor.timing import Timing, measure_timing, steps_per_epoch
 from tl_lightning.backbones import build_backbone
 from tl_lightning.feature_cache import cache_key, cached_features, dataset_fingerprint
-from tl_lightning.modules.feature_extraction import FeatureExtractionModule
+from tl_lightning.modules.feature_extraction import weights_fingerprint
 from tl_lightning.precision import mixed_precision_for
 
 log = logging.getLogger(__name__)
@@ -93,8 +92,9 @@ def embed_train_split(backbone, datamodule, precision: str, device: torch.device
     key = cache_key(
         backbone=datamodule.hparams.backbone,
         layer=None,
-        # the module's own fingerprint (it only reads .backbone): one definition of the key
-        weights=FeatureExtractionModule._weights_fingerprint(SimpleNamespace(backbone=backbone)),
+        weights=weights_fingerprint(
+            backbone
+        ),  # the fingerprint FeatureExtractionModule's caches use
         data=dataset_fingerprint(dataset, repr(getattr(dataset, "transform", None))),
         dtype="float32",
         precision=precision,

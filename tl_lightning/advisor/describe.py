@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tl_lightning.data.folder import DECODE_ERRORS
+from tl_lightning.data.decode import DECODE_ERRORS
 
 
 @dataclass

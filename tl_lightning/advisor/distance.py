@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tl_lightning.data.base import stratified_split
+from tl_lightning.data.split import stratified_split
 from tl_lightning.probe import fit_logistic_regression, sweep_logistic_regression
 
 PROBE_GRID = (1e-4, 1e-3, 1e-2)  # L2 strengths tried (in the first fold; the others reuse its pick)

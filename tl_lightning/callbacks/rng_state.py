@@ -38,7 +38,8 @@ class RNGStateCheckpoint(Callback):
     and main-process augmentations draw different numbers than the uninterrupted run would have.
     This callback stores the state at save time and puts it back at ``on_train_start`` of the
     resumed run (after setup, model building and the sanity check, which draw numbers of their
-    own). Validation runs inside a saved/restored RNG state, so how often one validates, and
+    own). Under DDP the checkpoint holds every rank's state and each rank restores its own.
+    Validation runs inside a saved/restored RNG state, so how often one validates, and
     where a checkpoint falls relative to validation, does not change the training stream.
 
     Example:
@@ -61,12 +62,21 @@ class RNGStateCheckpoint(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._to_restore is not None:
-            _set_rng_states(self._to_restore)
+            per_rank = self._to_restore.get("rng_per_rank") or []
+            # each rank its own stream; another world size (or an old file) gets rank 0's
+            same_world = len(per_rank) == trainer.world_size
+            _set_rng_states(per_rank[trainer.global_rank] if same_world else self._to_restore["rng"])
             self._to_restore = None
 
     def state_dict(self) -> dict[str, Any]:
         # a save inside validation (ModelCheckpoint on_validation_end) records the training stream
-        return {"rng": self._outside_validation or _collect_rng_states()}
+        states = self._outside_validation or _collect_rng_states()
+        per_rank = [states]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every rank builds the checkpoint (only rank 0 writes it): gather each rank's stream
+            per_rank = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(per_rank, states)
+        return {"rng": per_rank[0], "rng_per_rank": per_rank}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._to_restore = state_dict.get("rng")
+        self._to_restore = state_dict if state_dict.get("rng") is not None else None

@@ -574,8 +574,10 @@ class GradualUnfreezing(Callback):
         ]
         if saved is not None:  # mid-phase resume: continue the checkpointed cycle where it was
             new.load_state_dict(saved)
-            for group, hyper in zip(optimizer.param_groups, current, strict=True):
-                group.update(hyper)
+            if getattr(new, "total_steps", None) == saved.get("total_steps"):
+                for group, hyper in zip(optimizer.param_groups, current, strict=True):
+                    group.update(hyper)
+            # else: an extended run; the scheduler set this step's values of its longer cycle
         cfg.scheduler = new
         self._built_phase = self._sched_phase = phase
 

@@ -21,6 +21,7 @@ from tl_lightning.data.decode import (
     skip_failed_collate,
 )
 from tl_lightning.data.resumable_sampler import ResumableDataLoader, ResumableRandomSampler
+from tl_lightning.data.seeded_samples import SeededSamples
 from tl_lightning.data.source import LabelledImages
 from tl_lightning.data.transforms import (
     AUGMENT_PRESETS,
@@ -263,6 +264,8 @@ class ImageDataModule(LightningDataModule):
         self.check_model(name)
         self.route_skips(dataset, name)
         kwargs.setdefault("collate_fn", skip_failed_collate)
+        if getattr(kwargs.get("sampler"), "keyed", False):  # augmentation seeded per sample
+            dataset = SeededSamples(dataset, self.hparams.seed)
         return loader_class(
             dataset,
             batch_size=self.batch_size,
@@ -287,7 +290,7 @@ class ImageDataModule(LightningDataModule):
             # the order depends on (seed, epoch) only, and the loader saves its position:
             # a run killed mid-epoch resumes on the very next batch
             kwargs["sampler"] = ResumableRandomSampler(
-                size, seed=self.hparams.seed, weights=weights
+                size, seed=self.hparams.seed, weights=weights, keyed=True
             )
             kwargs["seed"] = self.hparams.seed
         return self._loader(

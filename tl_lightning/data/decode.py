@@ -156,9 +156,11 @@ class SkipFailedDataLoader(DataLoader):
                 continue
             yielded += 1
             yield batch
-        if dropped and not yielded:
+        # a whole pass, not the rest of an epoch resumed after its last good batch
+        if dropped and not yielded and dropped >= len(self):
+            inner = getattr(self.dataset, "dataset", self.dataset)  # SeededSamples wraps it
             raise DataError(
-                f"every image in this {type(self.dataset).__name__} ({len(self.dataset)} samples) "
+                f"every image in this {type(inner).__name__} ({len(self.dataset)} samples) "
                 f"failed to load; see the warnings above or {SKIP_LOG_NAME} in the run folder "
                 f"and fix or replace the files"
             )

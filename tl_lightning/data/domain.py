@@ -10,8 +10,10 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
-from tl_lightning.data.base import ImageDataModule
-from tl_lightning.data.decode import SkipFailedDataLoader, is_failed, skip_failed_collate
+from tl_lightning.data.base import ImageDataModule, ResumableSkipFailedDataLoader
+from tl_lightning.data.decode import is_failed, skip_failed_collate
+from tl_lightning.data.resumable_sampler import ResumableRandomSampler
+from tl_lightning.data.seeded_samples import SeededSamples
 from tl_lightning.errors import DataError
 from tl_lightning.lightning_compat import own_hyperparameters
 
@@ -158,11 +160,14 @@ class DomainAdaptationDataModule(LightningDataModule):
                 "DomainAdaptationDataModule has no target train split; call setup() first"
             )
         target.route_skips(target.train_set, "train")
-        target_loader = SkipFailedDataLoader(
-            ImagesOnly(target.train_set),
+        seed = target.hparams.seed + 1  # an order of its own, not the source's permutation
+        # resumable mid-epoch and augmented per (seed, epoch, index), like the source loader
+        target_loader = ResumableSkipFailedDataLoader(
+            SeededSamples(ImagesOnly(target.train_set), seed),
             collate_fn=skip_failed_collate,
             batch_size=target.batch_size,
-            shuffle=True,
+            sampler=ResumableRandomSampler(len(target.train_set), seed=seed, keyed=True),
+            seed=seed,
             num_workers=target.num_workers,
             persistent_workers=target.num_workers > 0,
             drop_last=len(target.train_set) > target.batch_size,

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tl_lightning.backbones import conv4 as _conv4  # noqa: F401  (registers the default backbone)
-from tl_lightning.data.base import ImageDataModule
+from tl_lightning.data.base import ImageDataModule, ResumableSkipFailedDataLoader
 from tl_lightning.data.cifar10 import CIFAR10_CLASSES, download_cifar10, load_cifar10
 from tl_lightning.data.decode import SkipFailedDataLoader
 from tl_lightning.data.digits import DIGITS_CLASSES, load_digits
@@ -312,7 +312,9 @@ class FewShotDataModule(ImageDataModule):
             episodes_per_batch=per_batch,
         )
         self.route_skips(getattr(dataset, "dataset", dataset), split)
-        return SkipFailedDataLoader(
+        # training episodes are a function of (seed, epoch): resumable mid-epoch
+        loader_class = ResumableSkipFailedDataLoader if train else SkipFailedDataLoader
+        return loader_class(
             dataset,
             batch_sampler=sampler,
             collate_fn=EpisodeCollate(way, shot, query if cached else None),

@@ -27,7 +27,8 @@ class ResumableRandomSampler(Sampler[int]):
 
     Lightning calls :meth:`set_epoch` before each epoch, so epoch ``e`` always yields the same
     order, in a fresh process too. With ``weights`` it draws ``num_samples`` indices with
-    replacement in proportion to them (the ``sampler: weighted`` option).
+    replacement in proportion to them (the ``sampler: weighted`` option). With ``keyed=True`` it
+    yields ``(epoch, index)`` pairs for :class:`~tl_lightning.data.seeded_samples.SeededSamples`.
 
     Example:
         >>> sampler = ResumableRandomSampler(5, seed=0)
@@ -37,7 +38,11 @@ class ResumableRandomSampler(Sampler[int]):
     """
 
     def __init__(
-        self, num_samples: int, seed: int = 0, weights: Sequence[float] | None = None
+        self,
+        num_samples: int,
+        seed: int = 0,
+        weights: Sequence[float] | None = None,
+        keyed: bool = False,
     ) -> None:
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -47,6 +52,7 @@ class ResumableRandomSampler(Sampler[int]):
         self.seed = seed
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
         self.epoch = 0
+        self.keyed = keyed  # yield (epoch, index) for SeededSamples (per-sample augmentation seeds)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the order of ``epoch`` (called by Lightning at every epoch start)."""
@@ -63,7 +69,8 @@ class ResumableRandomSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         # computed at the first pull, after Lightning's set_epoch for the epoch
-        yield from self.order()
+        order, epoch = self.order(), self.epoch
+        yield from ((epoch, i) for i in order) if self.keyed else order
 
     def __len__(self) -> int:
         return self.num_samples
@@ -116,7 +123,11 @@ class ResumableDataLoader(DataLoader):
 
     @property
     def _epoch_sampler(self) -> Any:
-        return self.sampler if hasattr(self.sampler, "set_epoch") else None
+        # a batch sampler with set_epoch (episodes) orders the data when there is one
+        for sampler in (self.batch_sampler, self.sampler):
+            if hasattr(sampler, "set_epoch"):
+                return sampler
+        return None
 
     @property
     def _index_sampler(self) -> Any:

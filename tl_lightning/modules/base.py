@@ -22,6 +22,7 @@ from tl_lightning.backbones import Backbone, build_backbone, skip_pretrained_wei
 from tl_lightning.config_checks import check_model_and_data
 from tl_lightning.heads import build_head
 from tl_lightning.optim import make_optimizer, make_scheduler
+from tl_lightning.resume import restore_train_loader_state
 
 
 def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
@@ -87,6 +88,11 @@ class TransferModule(LightningModule):
             if mean.update_called:
                 self.log(f"{name}_epoch" if on_step else name, mean.compute())
             mean.reset()
+
+    def on_train_start(self) -> None:
+        # schedulers read estimated_stepping_batches, which builds the train loader before the
+        # checkpoint restore: load its saved position now (see tl_lightning/resume.py)
+        restore_train_loader_state(self.trainer)
 
     def configure_optimizers(self) -> Any:
         groups = self.param_groups()

@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from tl_lightning.feature_cache import cache_key, cached_features, dataset_fingerprint
-from tl_lightning.modules.feature_extraction import FeatureExtractionModule
+from tl_lightning.modules.feature_extraction import weights_fingerprint
 
 
 def _features(module: Any, dataset, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -23,7 +23,9 @@ def _features(module: Any, dataset, split: str) -> tuple[torch.Tensor, torch.Ten
     key = cache_key(
         backbone=module.hparams.backbone,
         layer=module.hparams.layer,
-        weights=FeatureExtractionModule._weights_fingerprint(module),  # same fingerprint as its caches
+        weights=weights_fingerprint(
+            module.backbone
+        ),  # the fingerprint FeatureExtractionModule's caches use
         data=dataset_fingerprint(dataset, repr(getattr(dataset, "transform", None))),
         dtype="float32",
         precision=str(trainer.precision),
@@ -35,7 +37,9 @@ def _features(module: Any, dataset, split: str) -> tuple[torch.Tensor, torch.Ten
         forward_context=trainer.precision_plugin.forward_context,
         desc=f"LP-FT: caching {split} features",
     )
-    if trainer.is_global_zero:  # rank 0 fills the cache, the others then read it: one probe everywhere
+    if (
+        trainer.is_global_zero
+    ):  # rank 0 fills the cache, the others then read it: one probe everywhere
         cached_features(module.backbone, dataset, **args)
     trainer.strategy.barrier("lp_ft_cache")
     cache = cached_features(module.backbone, dataset, **args)
@@ -51,18 +55,29 @@ def fit_head_with_probe(module: Any) -> Any:
     from tl_lightning.probe import sweep_logistic_regression
 
     datamodule = module.trainer.datamodule
-    train_set, val_set = getattr(datamodule, "train_set", None), getattr(datamodule, "val_set", None)
+    train_set, val_set = (
+        getattr(datamodule, "train_set", None),
+        getattr(datamodule, "val_set", None),
+    )
     if train_set is None or val_set is None:
-        raise ValueError("init_head: probe needs a datamodule with train_set and val_set after setup('fit')")
+        raise ValueError(
+            "init_head: probe needs a datamodule with train_set and val_set after setup('fit')"
+        )
     hp = getattr(datamodule, "hparams", {})
     if hp.get("augment", "none") != "none":
-        rank_zero_warn("init_head: probe sees the train split through its augmentation: one random draw per image")
+        rank_zero_warn(
+            "init_head: probe sees the train split through its augmentation: one random draw per image"
+        )
     train_f, train_y = _features(module, train_set, "train")
     val_f, val_y = _features(module, val_set, "val")
     result = sweep_logistic_regression(train_f, train_y, val_f, val_y, module.hparams.num_classes)
     linear = module.head[-1]
     with torch.no_grad():
-        linear.weight.copy_(torch.as_tensor(result.weight, dtype=linear.weight.dtype).reshape(linear.weight.shape))
-        linear.bias.copy_(torch.as_tensor(result.bias, dtype=linear.bias.dtype).reshape(linear.bias.shape))
+        linear.weight.copy_(
+            torch.as_tensor(result.weight, dtype=linear.weight.dtype).reshape(linear.weight.shape)
+        )
+        linear.bias.copy_(
+            torch.as_tensor(result.bias, dtype=linear.bias.dtype).reshape(linear.bias.shape)
+        )
     rank_zero_info(f"LP-FT: probe head fitted (l2={result.l2:g}, val acc {result.val_acc:.4f})")
     return result

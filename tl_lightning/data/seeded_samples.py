@@ -1,0 +1,50 @@
+"""Augmentation randomness that is a function of (seed, epoch, sample index) alone.
+
+Random transforms draw from the global torch RNG of whichever process loads the sample: the main
+process with ``num_workers=0``, a worker otherwise (seeded per worker). The same sample then gets
+another crop for another ``num_workers``, and after a resume. Here each sample is loaded inside
+its own RNG stream seeded from ``(seed, epoch, index)``: identical augmentations whatever the
+number of workers, in the resumed run too, and the main process's stream (dropout) is untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 63-bit seed for one sample of one epoch (numpy's SeedSequence hash)."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(2, np.uint64)[0] >> 1)
+
+
+class SeededSamples(Dataset):
+    """Wrap a map-style dataset so ``dataset[(epoch, index)]`` loads ``index`` in its own RNG stream.
+
+    Pair it with a sampler that yields ``(epoch, index)`` keys
+    (:class:`~tl_lightning.data.resumable_sampler.ResumableRandomSampler` with ``keyed=True``).
+
+    Example:
+        >>> data = SeededSamples([0, 1, 2], seed=0)
+        >>> class Noisy:
+        ...     def __getitem__(self, i): return torch.rand(1).item()
+        ...     def __len__(self): return 3
+        >>> noisy = SeededSamples(Noisy(), seed=0)
+        >>> noisy[(1, 2)] == noisy[(1, 2)] != noisy[(2, 2)]
+        True
+    """
+
+    def __init__(self, dataset: Any, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):  # the caller's stream is restored afterwards
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            return self.dataset[index]
