@@ -311,7 +311,18 @@ class GradualUnfreezing(Callback):
         if not self._restored:
             self._sync(trainer, 0, trainer.global_step)
 
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Resumed mid-epoch, Lightning skips on_train_epoch_start for that epoch (FitLoop.
+        # on_advance_start); without this the rest of it would run in setup's epoch-0 state
+        # (groups frozen, BN policy, images instead of cached features, the scheduler unrebuilt).
+        if trainer.fit_loop.restarted_mid_epoch:
+            self._enter_epoch(trainer, pl_module)
+
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._enter_epoch(trainer, pl_module)
+
+    def _enter_epoch(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Freezing, BN modes, data source, scheduler and LRs of the current epoch, from epoch and step."""
         epoch, step = trainer.current_epoch, trainer.global_step
         for name in self.unfrozen_groups(epoch):
             self._unfreeze_step.setdefault(name, step)
