@@ -303,8 +303,16 @@ RESNET16 = ["--model.init_args.backbone=resnet18", "--model.init_args.weights=nu
             "--data.init_args.image_size=16"]  # fmt: skip
 DANN = ["--trainer.max_epochs=-1", "--trainer.max_steps=8", "--trainer.val_check_interval=4",
         "--trainer.limit_train_batches=null", "--data.init_args.batch_size=32"]  # fmt: skip
+CONV4 = ["--model.init_args.backbone=conv4", "--model.init_args.weights=null",
+         "--data.init_args.image_size=16"]  # fmt: skip
 # config -> (overrides, kill step); saves every 2 steps, so the resume point is the last even step
 CONFIG_CASES = {
+    # GradualUnfreezing (unfreeze at epoch 1, bn: stats, one-cycle per phase): 4 steps per epoch;
+    # a kill at step 3 resumes inside the cached frozen phase, at step 7 inside the unfrozen one
+    "digits/fine_tune_fastai (GradualUnfreezing, killed in the cached frozen phase)": (
+        "digits/fine_tune_fastai.yaml", CONV4, 3),
+    "digits/fine_tune_fastai (GradualUnfreezing, killed in the unfrozen phase, in warm-up)": (
+        "digits/fine_tune_fastai.yaml", [*CONV4, "--trainer.callbacks.warmup_steps=3"], 7),
     "quickstart (FeatureExtraction, cached)": ("quickstart.yaml", [*RESNET16], 3),
     "quickstart (FeatureExtraction, uncached)": (
         "quickstart.yaml", [*RESNET16, "--model.init_args.cache_features=false"], 3),
@@ -328,6 +336,26 @@ def test_shipped_config_resumes_to_the_uninterrupted_weights(case, tmp_path, mon
     assert at_kill["global_step"] == kill_step // 2 * 2  # the last save before the kill
     assert cli.trainer.global_step > at_kill["global_step"]
     assert diff <= TOL, f"{case}: max |w diff| {diff:.3g}"
+
+
+GRADUAL = BASE.replace("trainer:\n", """trainer:
+  callbacks:
+    - class_path: tl_lightning.callbacks.unfreezing.GradualUnfreezing
+      init_args: {unfreeze_at_epoch: 1, bn: eval, restart_schedule: true}
+""")  # fmt: skip
+
+
+def test_gradual_unfreezing_killed_in_the_unfrozen_phase_resumes_unfrozen(tmp_path):
+    # frozen BN layers sit in eval mode in phase 0; a resumed phase-1 epoch that kept setup's
+    # frozen state would leave them (and every backbone weight) untouched: num_batches_tracked shows it
+    args = ["--model.init_args.lr_scheduler=tl_lightning.optim.OneCycleLR"]
+    diff, cli, at_kill = kill_resume_compare(tmp_path, GRADUAL, args, kill_step=7)
+    assert at_kill["global_step"] == 6 and at_kill["epoch"] == 1  # 1 step into phase 1
+    tracked = at_kill["state_dict"]["backbone.body.0.1.num_batches_tracked"]
+    assert tracked == 1  # phase 0 ran BN in eval mode; phase 1 one train-mode batch so far
+    final = cli.trainer.lightning_module.backbone.body[0][1].num_batches_tracked
+    assert final == 5  # the 4 batches after the resume ran in train mode too
+    assert diff <= TOL, f"GradualUnfreezing, bn eval: max |w diff| {diff:.3g}"
 
 
 # --- two-process CPU DDP ------------------------------------------------------------------------
