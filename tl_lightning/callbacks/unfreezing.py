@@ -34,7 +34,8 @@ class GradualUnfreezing(Callback):
       frozen ones sit at lr 0 (``requires_grad=False``), so schedulers, LearningRateMonitor and
       checkpoints always see the same groups (Lightning #8720, #20194);
     - the frozen/unfrozen state and every LR are recomputed from the epoch and step alone, at
-      fit start and at each epoch start, so resuming mid-phase is exact (#21901);
+      fit start, at each epoch start and when a run resumes mid-epoch, so resuming mid-phase
+      is exact (#21901);
     - a scheduler's per-group base LRs move with the group (``base_lrs``/``initial_lr``,
       OneCycle's ``max_lr``, ReduceLROnPlateau's ``min_lrs``);
     - frozen BatchNorm layers follow ``bn`` and stay that way after every ``model.train()`` (#15062);
