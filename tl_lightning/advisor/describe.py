@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from tl_lightning.data.decode import DECODE_ERRORS
@@ -58,20 +59,17 @@ class DataDescription:
 def _stored_sizes(dataset) -> dict[tuple[int, int], int]:
     """``(width, height)`` counts of a dataset's stored images: file headers or an image tensor."""
     sizes: dict[tuple[int, int], int] = {}
-    paths = getattr(dataset, "paths", None) or getattr(dataset, "files", None)
-    if paths is not None:
-        for path in paths:
-            try:
-                with Image.open(path) as img:  # header only: no decode
-                    size = img.size
-            except DECODE_ERRORS:  # broken since the scan: the scan report names it
-                continue
-            sizes[size] = sizes.get(size, 0) + 1
-        return sizes
-    images = getattr(dataset, "images", None)
-    if images is not None and getattr(images, "ndim", 0) == 4:  # [N, C, H, W] in memory
-        n, _, h, w = images.shape
+    items = getattr(dataset, "items", None)  # ImageDataset: an [N, C, H, W] tensor or N paths
+    if isinstance(items, torch.Tensor) and items.ndim == 4:
+        n, _, h, w = items.shape
         return {(int(w), int(h)): int(n)}
+    for path in items if items is not None else getattr(dataset, "files", []):
+        try:
+            with Image.open(path) as img:  # header only: no decode
+                size = img.size
+        except DECODE_ERRORS:  # broken since the scan: the scan report names it
+            continue
+        sizes[size] = sizes.get(size, 0) + 1
     return sizes
 
 
