@@ -216,9 +216,10 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> TLCLI | None:
         _print_backbones()
         return None
     if argv[:1] == ["advise"]:  # not a Trainer method: its own small parser (tl_lightning.advisor)
+        from tl_lightning.advisor.command import format_advice
         from tl_lightning.advisor.command import main as advise_main
 
-        advise_main(argv[1:])
+        print(format_advice(advise_main(argv[1:])))  # the CLI prints; the library returns
         return None
     # `args` only when given: LightningCLI warns on every run that gets it ("intended to run from
     # within Python"), and reads sys.argv itself otherwise.

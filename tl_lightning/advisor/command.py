@@ -142,5 +142,4 @@ def main(argv: list[str]) -> Advice:
         data=config["data"],
         cache_dir=args.cache_dir,
     )
-    print(format_advice(advice))
     return advice
