@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
+
+# Under pytest-xdist the workers share the cores: each gets its share of threads, and so do the
+# CLI/DDP children it starts (they read OMP_NUM_THREADS), instead of every process using them all.
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,7 @@ def test_wise_ft_config_fits_with_lp_ft_and_saves_the_chosen_weights(tmp_path, m
     monitor, wise = config["trainer"]["callbacks"]  # shrunk: 4 reference images, a in {0, 1}
     monitor["init_args"].update(num_images=4, image_size=64)
     wise["init_args"].update(grid=[0.0, 1.0], num_reference_images=4, reference_image_size=64)
-    config["data"]["init_args"]["split"] = [0.2, 0.2, 0.6]  # a small train split: a quick probe
+    config["data"]["init_args"]["split"] = [0.1, 0.1, 0.8]  # small train/val splits: a quick probe and WiSE-FT sweep
     small = tmp_path / "wise_ft.yaml"
     small.write_text(yaml.safe_dump(config))
     cli = run_cli([

@@ -66,7 +66,8 @@ def test_callback_saves_the_chosen_checkpoint(tmp_path):
         num_classes=10, backbone="resnet18", weights=None, track_forgetting=True, channels_last=False,
         optimizer=functools.partial(torch.optim.SGD, lr=0.05),
     )
-    callback = WiseFT(grid=[0.0, 0.5, 1.0], dirpath=str(tmp_path))
+    # 4 small reference images: the source-agreement column is computed, at a fraction of the cost
+    callback = WiseFT(grid=[0.0, 0.5, 1.0], dirpath=str(tmp_path), num_reference_images=4, reference_image_size=32)
     trainer = quick_trainer(tmp_path, limit_train_batches=3, limit_val_batches=2, callbacks=[callback])
     trainer.fit(model, tiny_digits())
     assert callback.result.a in (0.0, 0.5, 1.0)
