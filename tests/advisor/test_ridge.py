@@ -96,3 +96,21 @@ def test_kfold_probe_equals_an_explicit_loop_of_held_out_fits(monkeypatch):
         w, b = _lstsq_ridge(xn[rest], yn[rest], 3, _absolute(xn[rest], 0.2))
         correct += int((np.argmax(xn[held] @ w.T + b, 1) == yn[held]).sum())
     assert kfold_probe_accuracy(x, y, 3, folds=3) == pytest.approx(correct / len(yn))
+
+
+def test_the_strength_is_picked_once_on_the_first_training_part_only(monkeypatch):
+    x, y = _data(30, 6, seed=7)
+    seen = []
+
+    def spy(features, labels, num_classes):
+        seen.append(features.clone())
+        return 0.1
+
+    monkeypatch.setattr(distance, "choose_ridge_l2", spy)
+    kfold_probe_accuracy(x, y, 3, folds=3)
+    parts = fold_indices(y.numpy(), 3)
+    first_rest = np.sort(np.concatenate(parts[1:]))  # every fold but the first held-out one
+    assert len(seen) == 1
+    # the rows it saw are exactly the first fold's training rows (in any order)
+    got = {tuple(r) for r in seen[0].tolist()}
+    assert got == {tuple(r) for r in x[first_rest].tolist()}
