@@ -102,8 +102,8 @@ def advice_breakdown(args) -> None:
     """Seconds of each part of the advice (cold feature cache), per setting, and what the previous
     probe (L-BFGS logistic, benchmarks/advise_probe.py) takes on the same features in the same run."""
     import torch
-
     from advise_probe import logistic_kfold
+
     from tl_lightning.advisor import advise
     from tl_lightning.advisor.advise import embed_train_split
     from tl_lightning.backbones import build_backbone
@@ -118,7 +118,9 @@ def advice_breakdown(args) -> None:
                 dm = subset_datamodule(dataset, fraction, args.image_size)
                 a = advise(dm, budget_minutes=args.budget / 60, out=None, cache_dir=tmp)
                 bb = build_backbone(dm.hparams.backbone, weights=dm.hparams.weights)
-                x, y = embed_train_split(bb, dm, mixed_precision_for("cpu"), torch.device("cpu"), tmp)
+                x, y = embed_train_split(
+                    bb, dm, mixed_precision_for("cpu"), torch.device("cpu"), tmp
+                )
             start = time.perf_counter()
             logistic_kfold(x, y, dm.num_classes, a.distance.folds)
             old_probe = time.perf_counter() - start

@@ -88,7 +88,9 @@ def main() -> None:
                 dm.prepare_data()
                 dm.setup("fit")
                 bb = build_backbone(dm.hparams.backbone, weights=dm.hparams.weights)
-                x, y = embed_train_split(bb, dm, mixed_precision_for("cpu"), torch.device("cpu"), tmp)
+                x, y = embed_train_split(
+                    bb, dm, mixed_precision_for("cpu"), torch.device("cpu"), tmp
+                )
             k = choose_folds(y.numpy(), 5)
             start = time.perf_counter()
             old = logistic_kfold(x, y, dm.num_classes, k)

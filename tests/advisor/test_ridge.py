@@ -14,7 +14,9 @@ from tl_lightning.advisor.ridge import choose_ridge_l2, fit_ridge, ridge_loo_acc
 def _data(n: int, d: int, classes: int = 3, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     y = torch.arange(classes).repeat(n // classes + 1)[:n]
-    x = torch.randn(n, d, generator=g) + 1.5 * torch.eye(classes, d)[y] + 0.7  # offset: bias matters
+    x = (
+        torch.randn(n, d, generator=g) + 1.5 * torch.eye(classes, d)[y] + 0.7
+    )  # offset: bias matters
     return x, y
 
 
