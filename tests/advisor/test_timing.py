@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tl_lightning.advisor.timing import Timing, measure_timing, steps_per_epoch
@@ -33,3 +34,36 @@ def test_measure_timing_leaves_the_backbone_alone():
     assert t.forward > 0 and t.last > 0 and t.full > 0
     assert [p.requires_grad for p in bb.parameters()] == grads
     assert all(torch.equal(before[k], v) for k, v in bb.state_dict().items())
+
+
+class _FakeClock:
+    """``time`` stand-in whose clock a step advances by scripted durations."""
+
+    def __init__(self, durations):
+        self.now, self.durations, self.calls = 0.0, list(durations), 0
+
+    def perf_counter(self):
+        return self.now
+
+    def step(self, x, y):
+        self.now += self.durations[self.calls]
+        self.calls += 1
+
+
+def test_timing_skips_the_warm_up_and_stops_once_two_steps_agree(monkeypatch):
+    from tl_lightning.advisor import timing
+
+    batches = [(None, None)] * 4
+    clock = _FakeClock([5.0, 1.0, 1.05, 9.0])  # warm-up, then two steps 5 % apart
+    monkeypatch.setattr(timing, "time", clock)
+    assert timing._median_step(clock.step, batches, torch.device("cpu")) == pytest.approx(1.025)
+    assert clock.calls == 3  # the fourth batch was not needed
+
+    clock = _FakeClock([5.0, 1.0, 2.0, 1.2])  # they disagree: all batches, the median of three
+    monkeypatch.setattr(timing, "time", clock)
+    assert timing._median_step(clock.step, batches, torch.device("cpu")) == pytest.approx(1.2)
+    assert clock.calls == 4
+
+    clock = _FakeClock([5.0, 1.0])  # two batches: one warm-up, one timed
+    monkeypatch.setattr(timing, "time", clock)
+    assert timing._median_step(clock.step, batches[:2], torch.device("cpu")) == pytest.approx(1.0)

@@ -1,8 +1,9 @@
 """``tl-lightning advise``: pick the transfer strategy from measurements of the data and machine.
 
 ``describe`` (counts, sizes, broken files), ``distance`` (k-fold probe, k-NN, BatchNorm shift),
-``timing`` (seconds per epoch of each strategy), ``rule`` (the pure recommendation), ``config``
-(advised.yaml), ``lr`` (optional LR range test), ``advise`` (all of it), ``command`` (the CLI).
+``ridge`` (the probe, in closed form), ``timing`` (seconds per epoch of each strategy), ``rule``
+(the pure recommendation), ``config`` (advised.yaml), ``lr`` (optional LR range test), ``advise``
+(all of it), ``command`` (the CLI).
 """
 
 from tl_lightning.advisor.advise import Advice, advise

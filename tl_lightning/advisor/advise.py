@@ -153,7 +153,8 @@ def advise(
         datamodule: the data, with ``backbone``/``weights`` set to the pretrained network to use.
         budget_minutes: training time you can spend; epochs are fitted to it on measured timings.
         folds: k of the k-fold linear probe and k-NN (fewer when the smallest class is smaller).
-        timing_batches: training batches timed per strategy (the first only warms up).
+        timing_batches: training batches timed per strategy, at most (the first only warms up;
+            timing stops once two steps agree within 10 %).
         lr_find: run Lightning's LR range test on the advised model for the learning rate.
         lr_find_steps: training steps of that test (Lightning's ``num_training``).
         out: where to write the advised config (``None``: do not write).

@@ -2,8 +2,8 @@
 
 Three measures of one frozen backbone on the training split, all in seconds once it is embedded:
 
-- a k-fold linear probe (L2 logistic regression by L-BFGS, strength picked inside each training
-  fold): what feature extraction can reach;
+- a k-fold linear probe (closed-form ridge on one-hot targets, :mod:`.ridge`; its strength picked
+  by leave-one-out inside the first training part): what feature extraction can reach;
 - a k-fold k-NN accuracy (cosine): how well the pretrained geometry alone groups the classes;
 - the BatchNorm shift: how far each BN layer's input statistics on these images are from its
   pretrained running statistics, in units of the running standard deviation. Large values mean
@@ -21,11 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tl_lightning.advisor.ridge import choose_ridge_l2, fit_ridge
 from tl_lightning.data.split import stratified_split
-from tl_lightning.probe import fit_logistic_regression, sweep_logistic_regression
-
-PROBE_GRID = (1e-4, 1e-3, 1e-2)  # L2 strengths tried (in the first fold; the others reuse its pick)
-PROBE_ITERS = 100  # L-BFGS iterations per fit: the probe is evidence, not the final head
 
 
 @dataclass
@@ -52,10 +49,12 @@ def choose_folds(labels: np.ndarray, folds: int) -> int:
 def kfold_probe_accuracy(
     features: torch.Tensor, labels: torch.Tensor, num_classes: int, folds: int, seed: int = 0
 ) -> float:
-    """Held-out accuracy of a linear probe, pooled over ``folds`` folds.
+    """Held-out accuracy of a linear probe (closed-form ridge on one-hot targets), pooled over
+    ``folds`` folds.
 
-    Each fold's probe is fit on the other folds. The L2 strength is picked once, in the first
-    fold, on a stratified fifth of its training part (never on a held-out fold), and reused.
+    Each fold's probe is fit on the other folds. The ridge strength is picked once, by exact
+    leave-one-out accuracy on the first fold's training part (never on a held-out fold), and
+    reused in every fold.
     """
     y = labels.numpy()
     parts = fold_indices(y, folds, seed)
@@ -63,20 +62,9 @@ def kfold_probe_accuracy(
     for k, held in enumerate(parts):
         rest = np.concatenate([p for j, p in enumerate(parts) if j != k])
         if l2 is None:
-            fit, val = (rest[i] for i in stratified_split(y[rest], (0.8, 0.2), seed))
-            l2 = sweep_logistic_regression(
-                features[fit],
-                labels[fit],
-                features[val],
-                labels[val],
-                num_classes,
-                grid=PROBE_GRID,
-                max_iter=PROBE_ITERS,
-            ).l2
-        weight, bias = fit_logistic_regression(
-            features[rest], labels[rest], num_classes, l2, max_iter=PROBE_ITERS
-        )
-        logits = features[held] @ weight.T + bias
+            l2 = choose_ridge_l2(features[rest], labels[rest], num_classes)
+        weight, bias = fit_ridge(features[rest], labels[rest], num_classes, l2)
+        logits = features[held].float() @ weight.T + bias
         correct += int((logits.argmax(1) == labels[held]).sum())
     return correct / len(y)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -57,7 +58,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# Two timed steps this close (relative) already agree: their mean is the estimate, and the
+# remaining batches are not run (a full fine-tuning step is the advice's costliest measurement).
+STABLE = 0.1
+
+
 def _median_step(step, batches: list, device: torch.device) -> float:
+    """Median seconds of ``step`` over ``batches`` after one warm-up step, stopping early once two
+    timed steps agree within ``STABLE`` (then their mean)."""
     times = []
     for x, y in batches:
         _sync(device)
@@ -65,8 +73,10 @@ def _median_step(step, batches: list, device: torch.device) -> float:
         step(x, y)
         _sync(device)
         times.append(time.perf_counter() - start)
-    times = sorted(times[1:] or times)  # the first step warms up kernels and allocators
-    return times[len(times) // 2]
+        timed = times[1:]  # the first step warms up kernels and allocators
+        if len(timed) == 2 and abs(timed[0] - timed[1]) <= STABLE * min(timed):
+            break
+    return statistics.median(times[1:] or times)
 
 
 def measure_timing(
@@ -81,7 +91,8 @@ def measure_timing(
 ) -> Timing:
     """Time a frozen forward and a training step (last groups, all groups) on ``batches``.
 
-    ``batches`` are real training batches (2 or more: the first only warms up). The backbone is
+    ``batches`` are real training batches (2 or more: the first only warms up; the rest are timed
+    until two steps agree within ``STABLE``). The backbone is
     copied, so the caller's weights and frozen state are untouched. ``load`` is the measured
     seconds to fetch one batch (decoding files), added to every step.
 
