@@ -199,6 +199,11 @@ class CIFAR10DataModule(ImageDataModule):
             self._splits = self.source.splits(self.load_images(), self.hparams.seed)
         return self._splits[name]
 
+    @property
+    def _parts(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(train, val)`` indices (official train images come first: also indices into it)."""
+        return self._split("train"), self._split("val")
+
     def train_labels(self) -> np.ndarray:
         return self.load_images().labels[self._split("train")]
 
