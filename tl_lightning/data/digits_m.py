@@ -131,7 +131,7 @@ class DigitsMSource(DigitsSource):
     Example:
         >>> target = DigitsMSource(part="target", photo_seed=0)
         >>> target.load(image_size=28).items.shape
-        torch.Size([898, 3, 28, 28])
+        torch.Size([896, 3, 28, 28])
     """
 
     def __init__(

@@ -98,7 +98,7 @@ class ImageSource:
         >>> source = DigitsMSource(part="target")
         >>> images = source.load(image_size=28)
         >>> {k: len(v) for k, v in source.splits(images, seed=0).items()}
-        {'train': 538, 'val': 180, 'test': 180}
+        {'train': 538, 'val': 180, 'test': 178}
     """
 
     def prepare(self) -> None:
