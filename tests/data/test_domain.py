@@ -152,7 +152,9 @@ def test_each_side_is_its_source_split_like_the_digits_m_datamodule():
         x, _ = dm.sets[role]["val"][0]  # normalised with the backbone's mean/std (0.5)
         assert x.shape == (3, 16, 16) and -1.0 <= x.min() <= x.max() <= 1.0
     assert dm.num_classes == 10 and dm.class_names == [str(i) for i in range(10)]
-    assert dm.class_counts() == np.bincount(dm.sets["source"]["train"].labels, minlength=10).tolist()
+    assert (
+        dm.class_counts() == np.bincount(dm.sets["source"]["train"].labels, minlength=10).tolist()
+    )
 
 
 def test_augment_is_per_side_and_mixup_only_touches_the_source():
@@ -174,7 +176,10 @@ def test_val_is_source_then_target_and_test_is_target_test():
     dm.setup("fit")
     dm.setup("test")
     val = dm.val_dataloader()
-    assert [loader.dataset for loader in val] == [dm.sets["source"]["val"], dm.sets["target"]["val"]]
+    assert [loader.dataset for loader in val] == [
+        dm.sets["source"]["val"],
+        dm.sets["target"]["val"],
+    ]
     assert dm.test_dataloader().dataset is dm.sets["target"]["test"]
     assert [name for name, _ in dm.val_image_sets()] == ["source", "target"]
 

@@ -18,6 +18,7 @@ from tl_lightning.data.few_shot import FewShotDataModule
 from tl_lightning.data.flowers102 import Flowers102DataModule
 from tl_lightning.data.image_folder import ImageFolderSource
 
+
 def attach(dm, tmp_path):
     """What Trainer.fit does to a datamodule before asking it for loaders."""
     dm.trainer = Trainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False)

@@ -38,7 +38,9 @@ class AtFirstBatch(Callback):
 def governed(model, frozen_groups: list[str] | None) -> tuple[set, set, set]:
     """(train modes, affine requires_grad, conv requires_grad) of the governed groups."""
     backbone = model.backbone
-    groups = [g for g in backbone.layer_groups() if frozen_groups is None or g.name in frozen_groups]
+    groups = [
+        g for g in backbone.layer_groups() if frozen_groups is None or g.name in frozen_groups
+    ]
     bns = [m for g in groups for m in g.batchnorms.values()]
     bn_params = {id(p) for m in bns for p in m.parameters(recurse=False)}
     others = [p for g in groups for p in g.params if id(p) not in bn_params]
@@ -54,9 +56,13 @@ def build(kind: str, bn: str, backbone: dict):
     """The module with ``bn``, in train mode, and the groups ``bn`` governs (None: all)."""
     if kind == "finetune":
         n = len(FineTuneModule(num_classes=3, **backbone).backbone.group_names())
-        return FineTuneModule(num_classes=3, train_groups=n - 1, bn=bn, **backbone).train(), ["stem"]
+        return FineTuneModule(num_classes=3, train_groups=n - 1, bn=bn, **backbone).train(), [
+            "stem"
+        ]
     if kind == "dann":
-        return DANNModule(num_classes=3, freeze_groups=["stem"], bn=bn, **backbone).train(), ["stem"]
+        return DANNModule(num_classes=3, freeze_groups=["stem"], bn=bn, **backbone).train(), [
+            "stem"
+        ]
     if kind == "protonet":
         return ProtoNetModule(num_classes=3, bn=bn, **backbone).train(), None
     raise ValueError(kind)
@@ -117,7 +123,9 @@ def test_protonet_old_eval_spelling_warns_and_means_affine():
 
 @pytest.mark.parametrize("kind", ["finetune", "dann", "protonet"])
 def test_an_unknown_value_names_the_vocabulary(kind):
-    with pytest.raises(ValueError, match="unknown bn 'frozen'; valid: eval, train, affine, stats, auto"):
+    with pytest.raises(
+        ValueError, match="unknown bn 'frozen'; valid: eval, train, affine, stats, auto"
+    ):
         build(kind, "frozen", RESNET)
     with pytest.raises(ValueError, match="unknown bn 'frozen'"):
         GradualUnfreezing(bn="frozen")

@@ -159,7 +159,10 @@ class DomainAdaptationDataModule(ImageDataModule):
     def _target(self, split: str) -> Dataset:
         dataset = self.sets["target"].get(split)
         if dataset is None:
-            raise RuntimeError(f"DomainAdaptationDataModule has no target {split} split; call setup() first")
+            raise RuntimeError(
+                f"DomainAdaptationDataModule has no target {split} split; call setup() first "
+                "(or give the target source a test_fraction > 0)"
+            )
         return dataset
 
     def train_dataloader(self) -> CombinedLoader:

@@ -65,13 +65,17 @@ def prototype_logits(
         # in float64 so the cancellation stays far below float32 rounding (MPS has no float64).
         wide = torch.float32 if queries.device.type == "mps" else torch.float64
         q, p = queries.to(wide), prototypes.to(wide)
-        sq = q.pow(2).sum(-1, keepdim=True) - 2 * q @ p.transpose(-1, -2) + p.pow(2).sum(-1)[:, None]
+        sq = (
+            q.pow(2).sum(-1, keepdim=True) - 2 * q @ p.transpose(-1, -2) + p.pow(2).sum(-1)[:, None]
+        )
         return -sq.clamp(min=0).to(queries.dtype)
     if distance == "euclidean":
         # Exact differences, not ||q||^2 - 2qp + ||p||^2: no cancellation for nearby points.
         return -(queries[:, None, :] - prototypes[None, :, :]).pow(2).sum(dim=-1)
     if distance == "cosine":
-        return scale * F.normalize(queries, dim=-1) @ F.normalize(prototypes, dim=-1).transpose(-1, -2)
+        return (
+            scale * F.normalize(queries, dim=-1) @ F.normalize(prototypes, dim=-1).transpose(-1, -2)
+        )
     raise ValueError(f"unknown distance '{distance}'; valid: {list(DISTANCES)}")
 
 
@@ -106,7 +110,9 @@ class PrototypeClassifier:
         self.classes: torch.Tensor | None = None
         self.prototypes: torch.Tensor | None = None
 
-    def process_support_set(self, support_images: torch.Tensor, support_labels: torch.Tensor) -> None:
+    def process_support_set(
+        self, support_images: torch.Tensor, support_labels: torch.Tensor
+    ) -> None:
         """Embed the support images and keep one prototype (mean embedding) per class id."""
         embeddings = torch.cat([self.embed(x) for x in support_images.split(self.batch_size)])
         self.process_support_embeddings(embeddings, support_labels.to(embeddings.device))
@@ -120,7 +126,9 @@ class PrototypeClassifier:
         """``[Q, N]`` logits of embedded queries against the prototypes."""
         if self.prototypes is None:
             raise RuntimeError("call process_support_set(support_images, support_labels) first")
-        return prototype_logits(query_embeddings.float(), self.prototypes, self.distance, self.scale)
+        return prototype_logits(
+            query_embeddings.float(), self.prototypes, self.distance, self.scale
+        )
 
     def forward(self, query_images: torch.Tensor) -> torch.Tensor:
         """``[Q, N]`` logits of the query images, columns in the order of :attr:`classes`."""
