@@ -75,6 +75,11 @@ class ScannedFolderSplits:
     def _scan_folder(self) -> ScanResult:
         return self.source.scan()
 
+    @property
+    def _scan(self) -> ScanResult | None:
+        """The source's scan once done (the advisor's description reads its skipped files)."""
+        return self.source._scan
+
     def prepare_data(self) -> None:
         self.source.prepare()
 
