@@ -28,6 +28,7 @@ from _common import mean_std
 from lightning.pytorch import Trainer, seed_everything
 
 import tl_lightning.backbones.dann_cnn  # noqa: F401  (registers dann_cnn)
+from tl_lightning.data.digits_m import DigitsMSource
 from tl_lightning.data.domain import DomainAdaptationDataModule
 from tl_lightning.modules.dann import DANNModule
 
@@ -38,13 +39,10 @@ PEER = "pytorch-adapt"  # the peer runs' label in the jobs and the per-run lines
 def digits_pair(
     backbone: str, weights: str | None, image_size: int, batch_size: int, augment: str
 ) -> DomainAdaptationDataModule:
-    part = "tl_lightning.data.digits_m.DigitsMDataModule"
     return DomainAdaptationDataModule(
-        source={
-            "class_path": part,
-            "init_args": {"part": "source", "blend": False, "augment": augment},
-        },
-        target={"class_path": part, "init_args": {"part": "target", "augment": augment}},
+        source=DigitsMSource(part="source", blend=False),
+        target=DigitsMSource(part="target"),
+        augment=augment,
         backbone=backbone,
         weights=weights,
         image_size=image_size,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 
 import lightning
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -14,27 +14,12 @@ from tl_lightning.lightning_compat import (
     choose_logger_version,
     configured_checkpoint_io,
     logger_version_chosen,
-    own_hyperparameters,
     short_description,
 )
 
 
 def test_written_for_this_lightning():
     assert lightning.__version__.startswith(LIGHTNING_WRITTEN_FOR + ".")
-
-
-def test_nested_save_hyperparameters_records_its_own_arguments():
-    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
-
-    class Inner(LightningModule):
-        def __init__(self, width: int = 3):
-            super().__init__()
-            self.save_hyperparameters()
-
-    with _given_hyperparameters_context({"outer": 1}, "cli"):  # what LightningCLI does
-        assert dict(Inner(width=5).hparams)["outer"] == 1  # the leak own_hyperparameters stops
-        with own_hyperparameters():
-            assert dict(Inner(width=5).hparams) == {"width": 5}
 
 
 def test_strategy_reports_no_configured_checkpoint_io(tmp_path):

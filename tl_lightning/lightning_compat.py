@@ -8,29 +8,12 @@ upgrade removes or changes one, and ``pyproject.toml`` pins ``lightning>=2.6,<2.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from lightning.pytorch.cli import _get_short_description
-from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 
 LIGHTNING_WRITTEN_FOR = "2.6"
-
-
-@contextlib.contextmanager
-def own_hyperparameters() -> Iterator[None]:
-    """Let a datamodule built inside another one record its own arguments.
-
-    While LightningCLI instantiates a class it hands the class's config to every
-    ``save_hyperparameters()`` called meanwhile (``_given_hyperparameters``, a context var);
-    a nested datamodule would record the outer config.
-    """
-    token = _given_hyperparameters.set(None)
-    try:
-        yield
-    finally:
-        _given_hyperparameters.reset(token)
 
 
 def configured_checkpoint_io(strategy: Any) -> Any | None:

@@ -26,6 +26,7 @@ from tl_lightning.callbacks.visual_utils import fixed_samples, viewable
 from tl_lightning.callbacks.visuals import TensorBoardVisuals
 from tl_lightning.cli import run_cli
 from tl_lightning.data.digits import DigitsDataModule
+from tl_lightning.data.digits_m import DigitsMSource
 from tl_lightning.data.domain import DomainAdaptationDataModule
 from tl_lightning.data.few_shot import FewShotDataModule
 from tl_lightning.modules.dann import DANNModule
@@ -34,7 +35,6 @@ from tl_lightning.modules.finetune import FineTuneModule
 from tl_lightning.modules.protonet import ProtoNetModule
 
 REPO = Path(__file__).resolve().parents[2]
-DIGITS_M = "tl_lightning.data.digits_m.DigitsMDataModule"
 KINDS = ("scalars", "images", "histograms", "tensors", "compressedHistograms", "audio")
 
 
@@ -216,8 +216,8 @@ def test_fine_tune_with_gradual_unfreezing_logs_phase_and_group_lrs(tmp_path):
 def test_dann_logs_domain_scalars_and_projects_source_and_target(tmp_path):
     seed_everything(0)
     dm = DomainAdaptationDataModule(
-        source={"class_path": DIGITS_M, "init_args": {"part": "source", "blend": False}},
-        target={"class_path": DIGITS_M, "init_args": {"part": "target"}},
+        source=DigitsMSource(part="source", blend=False),
+        target=DigitsMSource(part="target"),
         backbone="dann_cnn",
         weights=None,
         image_size=16,

@@ -8,17 +8,23 @@ import torch
 
 import tl_lightning.backbones.dann_cnn  # noqa: F401  (registers dann_cnn)
 from tl_lightning.data.digits import load_digits_images
-from tl_lightning.data.digits_m import DigitsMDataModule, blend_with_photos, domain_part, load_photo
+from tl_lightning.data.digits_m import (
+    DEFAULT_PHOTOS,
+    DigitsMDataModule,
+    DigitsMSource,
+    blend_with_photos,
+    domain_part,
+    load_photo,
+)
 from tl_lightning.data.domain import DomainAdaptationDataModule
+from tl_lightning.data.split import stratified_split
 from tl_lightning.errors import DataError
-
-DIGITS_M = "tl_lightning.data.digits_m.DigitsMDataModule"
 
 
 def pair(**kwargs) -> DomainAdaptationDataModule:
     args = dict(
-        source={"class_path": DIGITS_M, "init_args": {"part": "source", "blend": False}},
-        target={"class_path": DIGITS_M, "init_args": {"part": "target"}},
+        source=DigitsMSource(part="source", blend=False),
+        target=DigitsMSource(part="target"),
         backbone="dann_cnn",
         weights=None,
         image_size=16,
@@ -109,46 +115,60 @@ def test_train_batches_pair_labelled_source_with_unlabelled_target():
 
 
 def test_poisoned_target_labels_are_dropped_from_training_batches():
-    class Poisoned(DigitsMDataModule):
-        def setup(self, stage=None):
-            super().setup(stage)
-            self.train_set.labels = np.full(len(self.train_set.labels), 10**6)
-
-    dm = DomainAdaptationDataModule(
-        source={"class_path": DIGITS_M, "init_args": {"part": "source", "blend": False}},
-        target=Poisoned(backbone="dann_cnn", weights=None, image_size=16, batch_size=16),
-        backbone="dann_cnn",
-        weights=None,
-        image_size=16,
-        batch_size=16,
-    )
+    dm = pair()
     dm.setup("fit")
+    target_train = dm.sets["target"]["train"]
+    target_train.labels = np.full(len(target_train.labels), 10**6)
     for batch, _, _ in dm.train_dataloader():
         assert isinstance(batch["target"], torch.Tensor)
         assert batch["target"].dtype == torch.float32 and batch["target"].shape[1:] == (3, 16, 16)
 
 
 def test_max_size_cycle_cycles_the_shorter_domain():
-    dm = pair(
-        target={"class_path": DIGITS_M, "init_args": {"part": "target", "split": [0.2, 0.4, 0.4]}}
-    )
+    dm = pair(target=DigitsMSource(part="target", split=[0.2, 0.4, 0.4]))
     dm.setup("fit")
-    source_batches = len(dm.source.train_dataloader())
-    target_batches = len(dm.train_dataloader().flattened[1])
+    loaders = dm.train_dataloader().flattened
+    source_batches, target_batches = len(loaders[0]), len(loaders[1])
     assert target_batches < source_batches
     batches = [batch for batch, _, _ in dm.train_dataloader()]
     assert len(batches) == source_batches
     assert all(b["target"].shape[0] > 0 for b in batches)
 
 
-def test_backbone_preprocessing_and_shared_args_are_passed_down():
+def test_each_side_is_its_source_split_like_the_digits_m_datamodule():
+    """The same images and splits the two DigitsMDataModules gave before the pair composed sources."""
+    digits, labels = load_digits_images(16)
     dm = pair()
-    for side in (dm.source, dm.target):
-        assert side.hparams.backbone == "dann_cnn" and side.hparams.weights is None
-        assert side.image_size == 16 and side.batch_size == 16
-        assert side.data_config.mean == (0.5, 0.5, 0.5)
+    dm.setup("fit")
+    dm.setup("test")
+    blended = blend_with_photos(digits, 0)
+    for role, images in (("source", digits), ("target", blended)):
+        half = domain_part(labels, role)
+        parts = stratified_split(labels[half], (0.6, 0.2, 0.2), seed=0)  # the datamodules' split
+        for split, idx in zip(("train", "val", "test"), parts, strict=True):
+            dataset = dm.sets[role][split]
+            assert torch.equal(dataset.items, images[half][idx]), (role, split)
+            assert np.array_equal(dataset.labels, labels[half][idx])
+        x, _ = dm.sets[role]["val"][0]  # normalised with the backbone's mean/std (0.5)
+        assert x.shape == (3, 16, 16) and -1.0 <= x.min() <= x.max() <= 1.0
     assert dm.num_classes == 10 and dm.class_names == [str(i) for i in range(10)]
-    assert sum(dm.class_counts()) == len(dm.source.train_labels())
+    assert (
+        dm.class_counts() == np.bincount(dm.sets["source"]["train"].labels, minlength=10).tolist()
+    )
+
+
+def test_augment_is_per_side_and_mixup_only_touches_the_source():
+    dm = pair(augment="basic", target_augment="none", mixup_alpha=0.4)
+    dm.setup("fit")
+    source, target = dm.sets["source"]["train"], dm.sets["target"]["train"]
+    # augment none on the target: its training transform is the eval one (deterministic)
+    assert torch.equal(target[0][0], target[0][0]) and repr(target.transform) == repr(
+        dm.sets["target"]["val"].transform
+    )
+    assert repr(source.transform) != repr(dm.sets["source"]["val"].transform)
+    batch, _, _ = next(iter(dm.train_dataloader()))
+    assert batch["source"][1].shape == (16, 10)  # MixUp's soft source targets
+    assert isinstance(batch["target"], torch.Tensor)
 
 
 def test_val_is_source_then_target_and_test_is_target_test():
@@ -156,32 +176,36 @@ def test_val_is_source_then_target_and_test_is_target_test():
     dm.setup("fit")
     dm.setup("test")
     val = dm.val_dataloader()
-    assert [loader.dataset for loader in val] == [dm.source.val_set, dm.target.val_set]
-    assert dm.test_dataloader().dataset is dm.target.test_set
+    assert [loader.dataset for loader in val] == [
+        dm.sets["source"]["val"],
+        dm.sets["target"]["val"],
+    ]
+    assert dm.test_dataloader().dataset is dm.sets["target"]["test"]
+    assert [name for name, _ in dm.val_image_sets()] == ["source", "target"]
 
 
-def test_class_mismatch_and_label_using_target_options_are_refused():
-    with pytest.raises(ValueError, match="sampler"):
-        pair(
-            target={"class_path": DIGITS_M, "init_args": {"part": "target", "sampler": "weighted"}}
-        )
-    with pytest.raises(ValueError, match="mixup_alpha"):
-        pair(target={"class_path": DIGITS_M, "init_args": {"part": "target", "mixup_alpha": 0.2}})
-    with pytest.raises(ValueError, match="cannot be imported"):
-        pair(source={"class_path": "tl_lightning.data.nope.Nope"})
-    with pytest.raises(ValueError, match="class_path"):
+def test_class_mismatch_and_non_sources_are_refused():
+    with pytest.raises(ValueError, match="must be an ImageSource"):
         pair(source="digits")
+    with pytest.raises(ValueError, match="must be an ImageSource"):
+        pair(target=DigitsMDataModule(backbone="dann_cnn", weights=None))  # no nested datamodules
 
-    class Letters(DigitsMDataModule):
+    class Letters(DigitsMSource):
         @property
         def class_names(self):
             return list("abcdefghij")
 
     with pytest.raises(DataError, match="one label space"):
-        pair(target=Letters(backbone="dann_cnn", weights=None, image_size=16))
+        pair(target=Letters())
 
 
-def test_prebuilt_datamodule_must_share_the_backbone():
-    other = DigitsMDataModule(backbone="efficientnet_lite0", weights="DEFAULT", image_size=16)
-    with pytest.raises(ValueError, match="backbone='efficientnet_lite0'"):
-        pair(target=other)
+def test_hyperparameters_are_plain_values_that_rebuild_the_pair(tmp_path):
+    dm = pair(target=DigitsMSource(part="target", photo_seed=3))
+    hp = dict(dm.hparams_initial)
+    assert hp["target"] == {
+        "class_path": "tl_lightning.data.digits_m.DigitsMSource",
+        "init_args": {"part": "target", "blend": True, "photos": list(DEFAULT_PHOTOS),
+                      "photo_seed": 3, "split": [0.6, 0.2, 0.2]},
+    }  # fmt: skip
+    torch.save(hp, tmp_path / "hp.pt")  # a checkpoint's datamodule hparams: no pickled objects
+    assert torch.load(tmp_path / "hp.pt", weights_only=True) == hp

@@ -16,8 +16,7 @@ from tl_lightning.data.domain import DomainAdaptationDataModule
 from tl_lightning.data.episodes import EpisodicBatchSampler
 from tl_lightning.data.few_shot import FewShotDataModule
 from tl_lightning.data.flowers102 import Flowers102DataModule
-
-FOLDER_DM = "tl_lightning.data.image_folder.ImageFolderDataModule"
+from tl_lightning.data.image_folder import ImageFolderSource
 
 
 def attach(dm, tmp_path):
@@ -60,25 +59,25 @@ def test_few_shot_episode_with_a_broken_image_is_dropped_and_logged(tmp_path):
 
 
 def test_domain_pair_logs_broken_images_of_both_sides(tmp_path):
-    side = {"init_args": {"val_fraction": 0.25, "test_fraction": 0.25}, "class_path": FOLDER_DM}
     src = make_folder(tmp_path / "src", {"a": 8, "b": 8})
     tgt = make_folder(tmp_path / "tgt", {"a": 8, "b": 8})
     dm = DomainAdaptationDataModule(
-        source={**side, "init_args": {**side["init_args"], "root": str(src)}},
-        target={**side, "init_args": {**side["init_args"], "root": str(tgt)}},
+        source=ImageFolderSource(str(src), val_fraction=0.25, test_fraction=0.25),
+        target=ImageFolderSource(str(tgt), val_fraction=0.25, test_fraction=0.25),
         backbone="dann_cnn", weights=None, image_size=16, batch_size=4,
     )  # fmt: skip
     dm.prepare_data()
     attach(dm, tmp_path)
     dm.setup("fit")
-    bad_source_val = dm.source.val_set.paths[0]
-    bad_target_train = dm.target.train_set.paths[0]
+    source, target = dm.sets["source"], dm.sets["target"]
+    bad_source_val = source["val"].paths[0]
+    bad_target_train = target["train"].paths[0]
     for path in (bad_source_val, bad_target_train):
         path.write_bytes(b"broken")
     targets = sum(len(b["target"]) for b, _, _ in dm.train_dataloader())
     val = [sum(len(y) for _, y in loader) for loader in dm.val_dataloader()]
-    assert val == [len(dm.source.val_set) - 1, len(dm.target.val_set)]
-    assert targets == len(dm.target.train_set) - 1  # 2 full batches, the broken image dropped
+    assert val == [len(source["val"]) - 1, len(target["val"])]
+    assert targets == len(target["train"]) - 1  # 2 full batches, the broken image dropped
     rows = {(r["split"], r["path"]) for r in read_skip_log(tmp_path / SKIP_LOG_NAME)}
     assert rows == {("source_val", str(bad_source_val)), ("target_train", str(bad_target_train))}
 

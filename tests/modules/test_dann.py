@@ -17,12 +17,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import tl_lightning.backbones.dann_cnn  # noqa: F401  (registers dann_cnn)
 from tests.helpers import print_config
+from tl_lightning.data.digits_m import DigitsMSource
 from tl_lightning.data.domain import DomainAdaptationDataModule
 from tl_lightning.modules.dann import DANNAnnealing, DANNModule, dann_lr_factor
 from tl_lightning.modules.grl import GradientReversal, grl_lambda
 
 REPO = Path(__file__).resolve().parents[2]
-DIGITS_M = "tl_lightning.data.digits_m.DigitsMDataModule"
 TINY = dict(
     backbone="dann_cnn",
     weights=None,
@@ -36,8 +36,8 @@ TINY = dict(
 
 def tiny_pair(batch_size: int = 8, image_size: int = 16) -> DomainAdaptationDataModule:
     return DomainAdaptationDataModule(
-        source={"class_path": DIGITS_M, "init_args": {"part": "source", "blend": False}},
-        target={"class_path": DIGITS_M, "init_args": {"part": "target"}},
+        source=DigitsMSource(part="source", blend=False),
+        target=DigitsMSource(part="target"),
         backbone="dann_cnn",
         weights=None,
         image_size=image_size,
@@ -323,8 +323,11 @@ def test_offline_configs_fit_under_the_cli(config, tmp_path, monkeypatch):
     )
     assert isinstance(cli.model, DANNModule)
     assert cli.model.hparams.source_only == ("source_only" in config)
-    assert cli.datamodule.source.hparams.backbone == cli.model.hparams.backbone == "dann_cnn"
-    assert cli.datamodule.source.hparams.seed == 0  # its own hparams, not the outer CLI config
+    assert cli.datamodule.hparams.backbone == cli.model.hparams.backbone == "dann_cnn"
+    sides = cli.datamodule.sources
+    assert isinstance(sides["source"], DigitsMSource) and isinstance(sides["target"], DigitsMSource)
+    assert (sides["source"].blend, sides["target"].blend) == (False, True)
+    assert cli.datamodule.hparams.augment == "basic" and cli.datamodule.hparams.target_augment is None
     assert "val/source_acc" in cli.trainer.callback_metrics
 
 
@@ -342,8 +345,8 @@ def test_internet_config_names_the_pair_with_one_label_space():
     cfg = yaml.safe_load((REPO / "configs/dann/catsdogs_to_cifar10.yaml").read_text())
     data = cfg["data"]["init_args"]
     assert cfg["model"]["class_path"].endswith("DANNModule")
-    assert data["source"]["class_path"].endswith("CatsDogsDataModule")
-    assert data["target"]["class_path"].endswith("CIFAR10DataModule")
+    assert data["source"]["class_path"].endswith("CatsDogsSource")
+    assert data["target"]["class_path"].endswith("CIFAR10Source")
     assert data["target"]["init_args"]["classes"] == ["cat", "dog"]
 
 

@@ -148,15 +148,15 @@ def _bn_stats(model: ProtoNetModule) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.backbone.state_dict().items() if "running" in k}
 
 
-@pytest.mark.parametrize("bn", ["eval", "train"])
-def test_bn_eval_keeps_running_statistics_while_weights_train(bn):
+@pytest.mark.parametrize("bn", ["affine", "train"])
+def test_bn_affine_keeps_running_statistics_while_weights_train(bn):
     dm = FewShotDataModule(**TINY)
     model = tiny_model(bn=bn)
     stats, record = _bn_stats(model), RecordBN()
     weights = {k: v.clone() for k, v in model.backbone.state_dict().items() if "running" not in k}
     Trainer(max_steps=2, limit_val_batches=0, callbacks=[record], **QUIET).fit(model, dm)
     after = _bn_stats(model)
-    assert all(torch.equal(stats[k], after[k]) for k in stats) == (bn == "eval")
+    assert all(torch.equal(stats[k], after[k]) for k in stats) == (bn == "affine")
     assert record.seen["train"] == {bn == "train"}
     state = model.backbone.state_dict()
     assert any(not torch.equal(v, state[k]) for k, v in weights.items())  # conv/affine still train
@@ -168,7 +168,7 @@ def test_bn_eval_keeps_running_statistics_while_weights_train(bn):
 def test_bn_auto_keeps_pretrained_statistics_and_updates_random_init_ones():
     assert tiny_model().bn == "train"  # weights=None
     assert ProtoNetModule(backbone="conv4", num_classes=3).bn == "train"  # conv4 DEFAULT = random
-    assert ProtoNetModule(backbone="efficientnet_lite0", num_classes=3).bn == "eval"
+    assert ProtoNetModule(backbone="efficientnet_lite0", num_classes=3).bn == "affine"
     with pytest.raises(ValueError, match="unknown bn 'frozen'"):
         tiny_model(bn="frozen")
 

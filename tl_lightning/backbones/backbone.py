@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
@@ -27,23 +28,87 @@ class DataConfig:
 
 
 class BNPolicy(str, Enum):
-    """What BatchNorm layers of a *frozen* group do.
+    """The one BatchNorm vocabulary: what the BatchNorm layers a ``bn`` setting governs do.
+
+    Every module and callback with a ``bn`` argument takes these values with this meaning:
+    FineTuneModule, DANNModule and GradualUnfreezing for the BN layers of *frozen* groups,
+    ProtoNetModule for every BN layer of the backbone it trains episodically.
 
     - ``eval``: running statistics fixed and affine parameters frozen (a truly frozen layer).
     - ``train``: statistics keep updating and affine parameters train (fastai's ``train_bn``).
     - ``affine``: statistics fixed, affine parameters train.
     - ``stats``: statistics keep updating, affine parameters frozen (adapts the normalisation to
       a new domain with no backward pass through the frozen layers).
+    - ``auto``: the weights decide: ``affine`` for pretrained weights (keep their statistics),
+      ``train`` for random init (its statistics mean nothing).
+
+    Example:
+        >>> BNPolicy.parse("auto").resolve(pretrained=False)
+        <BNPolicy.TRAIN: 'train'>
     """
 
     EVAL = "eval"
     TRAIN = "train"
     AFFINE = "affine"
     STATS = "stats"
+    AUTO = "auto"
+
+    @property
+    def updates_statistics(self) -> bool:
+        """Whether the running statistics move in training (BN layer in train mode)."""
+        return self in (BNPolicy.TRAIN, BNPolicy.STATS)
+
+    @property
+    def trains_affine(self) -> bool:
+        """Whether the affine weight and bias train."""
+        return self in (BNPolicy.TRAIN, BNPolicy.AFFINE)
+
+    def resolve(self, pretrained: bool) -> BNPolicy:
+        """``auto`` made concrete for weights that are (or are not) pretrained; others unchanged."""
+        if self is BNPolicy.AUTO:
+            return BNPolicy.AFFINE if pretrained else BNPolicy.TRAIN
+        return self
+
+    @classmethod
+    def parse(cls, value: str | BNPolicy, owner: str = "") -> BNPolicy:
+        """``value`` as a policy; a spelling ``owner`` accepted before the one vocabulary warns
+        (``FutureWarning``, for one release) and maps to its new name; anything else is an error."""
+        old = OLD_BN_SPELLINGS.get(owner, {}).get(value) if isinstance(value, str) else None
+        if old is not None:
+            warnings.warn(
+                f"{owner} bn: {value!r} is deprecated: it means {old.value!r} (BatchNorm statistics "
+                f"fixed, affine parameters train); write bn: {old.value}. In the next release "
+                f"{value!r} will mean what it means everywhere else ({BNPolicy(value).meaning})",
+                FutureWarning,
+                stacklevel=3,
+            )
+            return old
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"unknown bn '{value}'; valid: {', '.join(BN_POLICIES)}") from None
+
+    @property
+    def meaning(self) -> str:
+        """The policy in words."""
+        return _BN_MEANING[self]
+
+
+_BN_MEANING = {
+    BNPolicy.EVAL: "statistics fixed, affine frozen",
+    BNPolicy.TRAIN: "statistics update, affine trains",
+    BNPolicy.AFFINE: "statistics fixed, affine trains",
+    BNPolicy.STATS: "statistics update, affine frozen",
+    BNPolicy.AUTO: "affine for pretrained weights, train for random init",
+}
+BN_POLICIES = tuple(p.value for p in BNPolicy)  # the one BatchNorm vocabulary
+# Spellings a module took before the one vocabulary, per module: {old: new}. They keep working,
+# with a FutureWarning, for one release (ProtoNetModule's ``eval`` kept the statistics but
+# trained the affine parameters: ``affine`` here).
+OLD_BN_SPELLINGS: dict[str, dict[str, BNPolicy]] = {"ProtoNetModule": {"eval": BNPolicy.AFFINE}}
 
 
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
-BN_POLICIES = tuple(p.value for p in BNPolicy)  # the one BatchNorm vocabulary
 _BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
 
@@ -182,15 +247,23 @@ class Backbone(nn.Module):
     # --- freezing ---------------------------------------------------------------------------
     def freeze(self, groups: Iterable[str] | None = None, bn: str | BNPolicy = "eval") -> None:
         """Freeze ``groups`` (all by default) with BatchNorm policy ``bn`` (see :class:`BNPolicy`)."""
-        policy = BNPolicy(bn)
+        policy = BNPolicy.parse(bn)  # before any change: a bad name leaves the backbone as it was
         for g in self.select_groups(groups):
             for p in g.params:
                 p.requires_grad_(False)
+        self.set_bn_policy(policy, groups)
+
+    def set_bn_policy(self, bn: str | BNPolicy, groups: Iterable[str] | None = None) -> None:
+        """BatchNorm layers of ``groups`` (all by default) follow ``bn``, whatever the other
+        parameters do; ``auto`` resolves by :attr:`pretrained`. Survives ``.train()``."""
+        policy = BNPolicy.parse(bn).resolve(self.pretrained)
+        for g in self.select_groups(groups):
             for name, m in g.batchnorms.items():
                 self._bn_policy[name] = policy
-                if policy in (BNPolicy.TRAIN, BNPolicy.AFFINE):
-                    for p in m.parameters(recurse=False):
-                        p.requires_grad_(True)
+                for p in m.parameters(recurse=False):
+                    p.requires_grad_(policy.trains_affine)
+                if policy.updates_statistics:
+                    m.train(self.training)
         self._apply_bn_policy()
 
     def unfreeze(self, groups: Iterable[str] | None = None) -> None:

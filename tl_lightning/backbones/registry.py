@@ -131,6 +131,9 @@ def build_backbone(
     else:
         backbone = spec.build(weights, layer)
     backbone.name = name
+    # random init has no statistics worth keeping (BNPolicy.AUTO); the configured weights decide,
+    # also when a checkpoint's weights replace them
+    backbone.pretrained = backbone.pretrained and weights is not None
     return backbone
 
 

@@ -71,8 +71,10 @@ class GradualUnfreezing(Callback):
             (fastai's ``fine_tune`` halves: 0.5).
         warmup_steps: ramp a newly unfrozen group's LR linearly from 0 over this many steps.
         bn: BatchNorm policy of frozen groups: ``eval`` (stats and affine fixed), ``train``
-            (both adapt), ``affine`` (affine params train at the group's LR) or ``stats``
-            (running statistics adapt, affine fixed: frozen epochs stay forward-only).
+            (both adapt), ``affine`` (affine params train at the group's LR), ``stats``
+            (running statistics adapt, affine fixed: frozen epochs stay forward-only) or
+            ``auto`` (``affine`` for pretrained weights, ``train`` for random init): the one
+            vocabulary of :class:`~tl_lightning.backbones.BNPolicy`.
         ddp_safe: gate frozen groups by zero LR and dropped gradients instead of
             ``requires_grad`` (None: on under DDP).
         restart_schedule: rebuild the module's step-interval LR scheduler at each milestone over
@@ -143,7 +145,7 @@ class GradualUnfreezing(Callback):
         self.group_lrs = dict(group_lrs or {})
         self.unfrozen_lr_scale = unfrozen_lr_scale
         self.warmup_steps = warmup_steps
-        self.bn = BNPolicy(bn)
+        self.bn = BNPolicy.parse(bn)  # `auto` is resolved in setup(), once the weights are known
         self.ddp_safe = ddp_safe
         self.restart_schedule = restart_schedule
         self.log_lrs = log_lrs
@@ -204,6 +206,7 @@ class GradualUnfreezing(Callback):
                 f"{type(pl_module).__name__} has {type(backbone).__name__}"
             )
         self._backbone = backbone
+        self.bn = self.bn.resolve(backbone.pretrained)
         self._events = self._build_events(backbone)
         if self.ddp_safe is None:
             self.ddp_safe = isinstance(trainer.strategy, DDPStrategy)

@@ -53,14 +53,8 @@ def validation_sets(trainer: Trainer) -> list[tuple[str, Dataset]]:
     from the validation dataloaders.
     """
     dm = getattr(trainer, "datamodule", None)
-    source, target = getattr(dm, "source", None), getattr(dm, "target", None)
-    if (
-        getattr(source, "val_set", None) is not None
-        and getattr(target, "val_set", None) is not None
-    ):
-        return [("source", source.val_set), ("target", target.val_set)]
-    if hasattr(dm, "image_dataset") and dm.image_dataset("val") is not None:
-        return [("val", dm.image_dataset("val"))]  # images, even where features replace them
+    if hasattr(dm, "val_image_sets") and dm.val_image_sets():
+        return dm.val_image_sets()  # images, even where features replace them
     loaders = trainer.val_dataloaders
     if loaders is None:
         return []

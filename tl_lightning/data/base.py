@@ -121,7 +121,6 @@ class ImageDataModule(LightningDataModule):
         self._checked_models: set[tuple[int, bool]] = set()  # (model id, predict?)
         # split -> (images, the features that replaced them): see use_frozen_features()
         self._image_sets: dict[str, Dataset] = {}
-        self._skip_trainer, self._skip_role = None, ""  # see log_skips_to()
         self._features: dict[str, Dataset] = {}
 
     # --- what subclasses provide -------------------------------------------------------------
@@ -141,32 +140,33 @@ class ImageDataModule(LightningDataModule):
     def class_counts(self) -> list[int]:
         return np.bincount(self.train_labels(), minlength=self.num_classes).tolist()
 
-    def train_transform(self, resize: bool = True, hflip: bool = True):
-        return train_transform(
-            self.data_config, self.image_size, self.hparams.augment, hflip, resize
-        )
+    def train_transform(self, resize: bool = True, hflip: bool = True, augment: str | None = None):
+        augment = self.hparams.augment if augment is None else augment
+        return train_transform(self.data_config, self.image_size, augment, hflip, resize)
 
     def eval_transform(self, resize: bool = True):
         return eval_transform(self.data_config, self.image_size, resize)
 
-    def transforms_for(self, images: LabelledImages) -> tuple:
-        """``(train, eval)`` transforms for a source's images.
+    def transforms_for(self, images: LabelledImages, augment: str | None = None) -> tuple:
+        """``(train, eval)`` transforms for a source's images (``augment``: the datamodule's
+        preset unless given).
 
         Photos in files: the backbone's resize + crop recipe. Small in-memory images
         (``whole_image``): used as they are when already at ``image_size``, otherwise resized
         whole (no center crop); training crops keep 60-100 % of them, and ``augment: none``
         trains on the eval pipeline.
         """
+        augment = self.hparams.augment if augment is None else augment
         if not images.whole_image:
-            return self.train_transform(hflip=images.hflip), self.eval_transform()
+            return self.train_transform(hflip=images.hflip, augment=augment), self.eval_transform()
         if images.items.shape[-1] == self.image_size:  # already sized: skip two no-op ops
             eval_tf = self.eval_transform(resize=False)
         else:  # a crop_pct crop would throw away 1/8 of a 32 px object
             whole = dataclasses.replace(self.data_config, crop_pct=1.0)
             eval_tf = eval_transform(whole, self.image_size)
-        if self.hparams.augment == "none":
+        if augment == "none":
             return eval_tf, eval_tf
-        return self.train_transform(resize=False, hflip=images.hflip), eval_tf
+        return self.train_transform(resize=False, hflip=images.hflip, augment=augment), eval_tf
 
     def _pin_memory(self) -> bool:
         """Pinned host memory only speeds up copies to a GPU: on when the trainer runs on CUDA."""
@@ -237,19 +237,20 @@ class ImageDataModule(LightningDataModule):
         current = getattr(self, f"{split}_set", None)
         return self._image_sets[split] if current is self._features.get(split) else current
 
-    def log_skips_to(self, trainer, role: str = "") -> None:
-        """Write this datamodule's skip log into ``trainer``'s run folder, splits named
-        ``{role}_{split}`` (for a datamodule inside another one, which the trainer does not attach)."""
-        self._skip_trainer, self._skip_role = trainer, role
+    def val_image_sets(self) -> list[tuple[str, Dataset]]:
+        """``[(name, image dataset)]`` of validation, for pictures of the data (``val``; a
+        domain pair names its ``source`` and ``target`` sets)."""
+        images = self.image_dataset("val")
+        return [("val", images)] if images is not None else []
 
     def route_skips(self, dataset: Dataset, split: str) -> None:
         """Images of ``dataset`` that fail to load go to the run's skip log, marked ``split``."""
         if hasattr(dataset, "skip_log"):
-            log_path = skip_log_path(self._skip_trainer or getattr(self, "trainer", None))
+            log_path = skip_log_path(getattr(self, "trainer", None))
             if log_path is not None:
                 log_path.parent.mkdir(parents=True, exist_ok=True)
             dataset.skip_log = str(log_path) if log_path else None
-            dataset.split = f"{self._skip_role}_{split}" if self._skip_role else split
+            dataset.split = split
 
     def _loader(
         self,
@@ -266,20 +267,26 @@ class ImageDataModule(LightningDataModule):
         kwargs.setdefault("collate_fn", skip_failed_collate)
         if getattr(kwargs.get("sampler"), "keyed", False):  # augmentation seeded per sample
             dataset = SeededSamples(dataset, self.hparams.seed)
+        workers = kwargs.pop("num_workers", self.num_workers)
         return loader_class(
             dataset,
             batch_size=self.batch_size,
-            num_workers=self.num_workers,
+            num_workers=workers,
             # keep workers between epochs: no re-spawn (and dataset re-pickle) each epoch
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=workers > 0,
             pin_memory=self._pin_memory(),
             drop_last=train and len(dataset) > self.batch_size,
             **kwargs,
         )
 
     def train_dataloader(self) -> DataLoader:
+        return self._train_loader()
+
+    def _train_loader(self, name: str = "train", **kwargs) -> DataLoader:
+        """The training loader of ``train_set`` (its skipped images logged as ``name``)."""
         mixer = batch_mixer(self.hparams.mixup_alpha, self.hparams.cutmix_alpha, self.num_classes)
-        kwargs: dict = {"collate_fn": MixCollate(mixer)} if mixer else {}
+        if mixer:
+            kwargs["collate_fn"] = MixCollate(mixer)
         if self.train_set is not None:
             weights = None
             if self.hparams.sampler == "weighted":
@@ -295,7 +302,7 @@ class ImageDataModule(LightningDataModule):
             kwargs["seed"] = self.hparams.seed
         return self._loader(
             self.train_set,
-            "train",
+            name,
             train=True,
             loader_class=ResumableSkipFailedDataLoader,
             **kwargs,

@@ -18,6 +18,7 @@ from tl_lightning.data.decode import load_rgb
 from tl_lightning.data.download import download_url, extract_archive
 from tl_lightning.data.listing import class_folders
 from tl_lightning.data.scan import SKIPPED, ScanResult, _skip_summary, scan_image_folder
+from tl_lightning.data.source import ImageSource, LabelledImages
 from tl_lightning.data.split import stratified_split
 from tl_lightning.errors import DataError
 
@@ -30,32 +31,63 @@ PETIMAGES_URL = (
 PETIMAGES_SHA256 = "b7974bd00a84a99921f36ee4403f089853777b5ae8d151c76a86e64900334af9"
 PETIMAGES_CLASSES = ["Cat", "Dog"]
 
-class ScannedFolderSplits:
-    """Seeded, stratified train/val/test splits of a scanned ``{class}/*`` folder, and its datasets.
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+    """Raise ``ValueError`` unless the fractions leave a non-empty train split."""
+    if not 0 < val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise ValueError(
+            f"need 0 < val_fraction, 0 <= test_fraction and val_fraction + test_fraction < 1; "
+            f"got val_fraction={val_fraction}, test_fraction={test_fraction}"
+        )
 
-    For ImageDataModules that implement ``_scan_folder() -> ScanResult`` and have
-    ``val_fraction``, ``test_fraction`` and ``seed`` hyperparameters (Cats-vs-Dogs, any folder).
-    """
+
+class ScannedSource(ImageSource):
+    """A source read from a scanned ``{class}/*`` folder (only files that decode), split by
+    seeded, stratified ``val_fraction``/``test_fraction``. Subclasses implement :meth:`scan`."""
+
+    def __init__(self, val_fraction: float = 0.1, test_fraction: float = 0.1, scan_dir: str | None = None):
+        check_fractions(val_fraction, test_fraction)
+        self.val_fraction, self.test_fraction, self.scan_dir = val_fraction, test_fraction, scan_dir
+        self._scan: ScanResult | None = None
+
+    def scan(self) -> ScanResult:
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        self.scan()  # once, on one process: the other ranks read the cache in setup()
+
+    def load(self, image_size: int) -> LabelledImages:
+        return self.scan().images()
+
+    def splits(self, images: LabelledImages, seed: int) -> dict[str, np.ndarray]:
+        v, t = self.val_fraction, self.test_fraction
+        fractions = (1 - v - t, v, t) if t > 0 else (1 - v, v)
+        parts = stratified_split(images.labels, fractions, seed)
+        return dict(zip(("train", "val", "test"), [*parts, np.zeros(0, np.int64)][:3], strict=True))
+
+
+class ScannedFolderSplits:
+    """Train/val/test datasets of a datamodule whose ``source`` is a :class:`ScannedSource`."""
 
     @staticmethod
     def check_fractions(val_fraction: float, test_fraction: float) -> None:
-        """Raise ``ValueError`` unless the fractions leave a non-empty train split."""
-        if (
-            not 0 < val_fraction < 1
-            or not 0 <= test_fraction < 1
-            or val_fraction + test_fraction >= 1
-        ):
-            raise ValueError(
-                f"need 0 < val_fraction, 0 <= test_fraction and val_fraction + test_fraction < 1; "
-                f"got val_fraction={val_fraction}, test_fraction={test_fraction}"
-            )
+        check_fractions(val_fraction, test_fraction)
+
+    def _scan_folder(self) -> ScanResult:
+        return self.source.scan()
+
+    @property
+    def _scan(self) -> ScanResult | None:
+        """The source's scan once done (the advisor's description reads its skipped files)."""
+        return self.source._scan
+
+    def prepare_data(self) -> None:
+        self.source.prepare()
 
     def _split(self) -> list[np.ndarray]:
         if self._parts is None:
-            labels = self._scan_folder().labels
-            v, t = self.hparams.val_fraction, self.hparams.test_fraction
-            fractions = (1 - v - t, v, t) if t > 0 else (1 - v, v)
-            self._parts = stratified_split(labels, fractions, self.hparams.seed)
+            images = self.source.load(self.image_size)
+            splits = self.source.splits(images, self.hparams.seed)
+            self._parts = [splits[name] for name in ("train", "val", "test")]
         return self._parts
 
     def train_labels(self) -> np.ndarray:
@@ -74,6 +106,91 @@ class ScannedFolderSplits:
                     "test_fraction is 0, so there is no test split; set test_fraction > 0"
                 )
             self.test_set = self._dataset(2, self.eval_transform())
+
+
+class CatsDogsSource(ScannedSource):
+    """Cats vs Dogs as a source: Microsoft's PetImages archive (downloaded, verified, scanned
+    once) or your own ``{class}/*.jpg`` folder (``data_dir``); see :class:`CatsDogsDataModule`.
+
+    Example:
+        >>> CatsDogsSource(root="data").class_names
+        ['Cat', 'Dog']
+    """
+
+    def __init__(
+        self,
+        root: str = "data",
+        download: bool = True,
+        data_dir: str | None = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        scan_dir: str | None = None,
+    ):
+        super().__init__(val_fraction, test_fraction, scan_dir)
+        self.root, self.download, self.data_dir = root, download, data_dir
+
+    @property
+    def image_folder(self) -> Path:
+        return Path(self.data_dir) if self.data_dir else Path(self.root) / "cats_dogs" / "PetImages"
+
+    @property
+    def class_names(self) -> list[str]:
+        if self.data_dir:
+            return class_folders(self.data_dir)
+        return list(PETIMAGES_CLASSES)
+
+    def _have_images(self) -> bool:
+        return all((self.image_folder / name).is_dir() for name in self.class_names)
+
+    def prepare(self) -> None:
+        if not self.data_dir and not self._have_images() and self.download:
+            folder = Path(self.root) / "cats_dogs"
+            archive = download_url(
+                PETIMAGES_URL, folder / "kagglecatsanddogs_5340.zip", PETIMAGES_SHA256, "sha256"
+            )
+            extract_archive(archive, folder)
+            if not self._have_images():
+                raise DataError(
+                    f"{archive} did not contain PetImages/Cat and PetImages/Dog; delete it and retry"
+                )
+        super().prepare()
+
+    def scan(self) -> ScanResult:
+        if self._scan is None:
+            if not self._have_images():
+                if self.data_dir:
+                    raise FileNotFoundError(
+                        f"data_dir '{self.image_folder}' has no class subfolders {self.class_names}"
+                    )
+                hint = (
+                    "call prepare_data() first (the Trainer does)"
+                    if self.download
+                    else "set download: true"
+                )
+                raise FileNotFoundError(
+                    f"Cats vs Dogs images not found under '{self.image_folder}'; {hint}, or set "
+                    f"data_dir to a folder of {{class}}/*.jpg images"
+                )
+            scan = scan_image_folder(self.image_folder, load_rgb, self.scan_dir)
+            if scan.classes != self.class_names:
+                raise DataError(
+                    f"class folders changed while scanning {self.image_folder}; run again"
+                )
+            counts = np.bincount(scan.labels, minlength=len(self.class_names))
+            if counts.min() < 3:
+                empty = [self.class_names[i] for i in np.flatnonzero(counts < 3)]
+                raise DataError(
+                    f"classes {empty} have fewer than 3 valid images in {self.image_folder} (see "
+                    f"{Path(self.scan_dir or self.image_folder) / SKIPPED}); each class needs "
+                    f"images for train, val and test"
+                )
+            note = "(cached scan)" if scan.cached else ""
+            rank_zero_info(
+                f"{self.image_folder}: {len(scan.valid)} valid images {dict(zip(self.class_names, counts.tolist(), strict=True))}, "
+                f"{len(scan.skipped)} skipped ({_skip_summary(scan.skipped)}) {note}".rstrip()
+            )
+            self._scan = scan
+        return self._scan
 
 
 class CatsDogsDataModule(ScannedFolderSplits, ImageDataModule):
@@ -114,66 +231,11 @@ class CatsDogsDataModule(ScannedFolderSplits, ImageDataModule):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        self.check_fractions(val_fraction, test_fraction)
+        self.source = CatsDogsSource(root, download, data_dir, val_fraction, test_fraction, scan_dir)
         self.root = Path(root)
-        self.image_folder = Path(data_dir) if data_dir else self.root / "cats_dogs" / "PetImages"
-        self._scan: ScanResult | None = None
+        self.image_folder = self.source.image_folder
         self._parts: list[np.ndarray] | None = None
 
     @property
     def class_names(self) -> list[str]:
-        if self.hparams.data_dir:
-            return class_folders(self.hparams.data_dir)
-        return list(PETIMAGES_CLASSES)
-
-    def _have_images(self) -> bool:
-        return all((self.image_folder / name).is_dir() for name in self.class_names)
-
-    def prepare_data(self) -> None:
-        if not self.hparams.data_dir and not self._have_images() and self.hparams.download:
-            folder = self.root / "cats_dogs"
-            archive = download_url(
-                PETIMAGES_URL, folder / "kagglecatsanddogs_5340.zip", PETIMAGES_SHA256, "sha256"
-            )
-            extract_archive(archive, folder)
-            if not self._have_images():
-                raise DataError(
-                    f"{archive} did not contain PetImages/Cat and PetImages/Dog; delete it and retry"
-                )
-        self._scan_folder()  # once, on one process: the other ranks read the cache in setup()
-
-    def _scan_folder(self) -> ScanResult:
-        if self._scan is None:
-            if not self._have_images():
-                if self.hparams.data_dir:
-                    raise FileNotFoundError(
-                        f"data_dir '{self.image_folder}' has no class subfolders {self.class_names}"
-                    )
-                hint = (
-                    "call prepare_data() first (the Trainer does)"
-                    if self.hparams.download
-                    else "set download: true"
-                )
-                raise FileNotFoundError(
-                    f"Cats vs Dogs images not found under '{self.image_folder}'; {hint}, or set "
-                    f"data_dir to a folder of {{class}}/*.jpg images"
-                )
-            self._scan = scan_image_folder(self.image_folder, load_rgb, self.hparams.scan_dir)
-            if self._scan.classes != self.class_names:
-                raise DataError(
-                    f"class folders changed while scanning {self.image_folder}; run again"
-                )
-            counts = np.bincount(self._scan.labels, minlength=self.num_classes)
-            if counts.min() < 3:
-                empty = [self.class_names[i] for i in np.flatnonzero(counts < 3)]
-                raise DataError(
-                    f"classes {empty} have fewer than 3 valid images in {self.image_folder} (see "
-                    f"{Path(self.hparams.scan_dir or self.image_folder) / SKIPPED}); each class needs "
-                    f"images for train, val and test"
-                )
-            note = "(cached scan)" if self._scan.cached else ""
-            rank_zero_info(
-                f"{self.image_folder}: {len(self._scan.valid)} valid images {dict(zip(self.class_names, counts.tolist(), strict=True))}, "
-                f"{len(self._scan.skipped)} skipped ({_skip_summary(self._scan.skipped)}) {note}".rstrip()
-            )
-        return self._scan
+        return self.source.class_names

@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from tl_lightning.data.base import ImageDataModule
 from tl_lightning.data.download import check_file, download_url, extract_archive
-from tl_lightning.data.source import LabelledImages
+from tl_lightning.data.source import ImageSource, LabelledImages
 from tl_lightning.data.split import carve_val
 from tl_lightning.errors import DataError
 
@@ -93,6 +93,56 @@ def load_cifar10(
     )
 
 
+class CIFAR10Source(ImageSource):
+    """CIFAR-10 as a source: the official test split, validation carved from train (stratified).
+
+    Args:
+        root: folder holding ``cifar-10-batches-py``. download: fetch it when missing.
+        classes: keep only these classes, relabelled 0..k-1 in this order.
+        val_fraction: share of the training set held out for validation.
+
+    Example:
+        >>> CIFAR10Source(root="data", classes=["cat", "dog"]).class_names
+        ['cat', 'dog']
+    """
+
+    def __init__(
+        self,
+        root: str = "data",
+        download: bool = True,
+        classes: list[str] | None = None,
+        val_fraction: float = 0.1,
+    ):
+        unknown = sorted(set(classes or []) - set(CIFAR10_CLASSES))
+        if unknown or (classes is not None and len(set(classes)) < 2):
+            raise ValueError(f"classes must be 2+ distinct CIFAR-10 classes; unknown {unknown}; valid: {CIFAR10_CLASSES}")
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        self.root, self.download = root, download
+        self.classes = list(classes) if classes else None
+        self.val_fraction = val_fraction
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.classes or CIFAR10_CLASSES)
+
+    def prepare(self) -> None:
+        if self.download:
+            download_cifar10(self.root)
+
+    def load(self, image_size: int) -> LabelledImages:
+        return load_cifar10(self.root, self.class_names, self.download)
+
+    def splits(self, images: LabelledImages, seed: int) -> dict[str, np.ndarray]:
+        official = images.splits["train"]
+        train, val = carve_val(images.labels[official], self.val_fraction, seed)
+        rank_zero_info(
+            f"CIFAR-10: {len(train)} train / {len(val)} val images "
+            f"(val_fraction={self.val_fraction}, seed={seed})"
+        )
+        return {"train": official[train], "val": official[val], "test": images.splits["test"]}
+
+
 class CIFAR10DataModule(ImageDataModule):
     """CIFAR-10: train 50,000 / test 10,000; validation carved from train (seeded, stratified).
 
@@ -125,54 +175,43 @@ class CIFAR10DataModule(ImageDataModule):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        unknown = sorted(set(classes or []) - set(CIFAR10_CLASSES))
-        if unknown or (classes is not None and len(set(classes)) < 2):
-            raise ValueError(f"classes must be 2+ distinct CIFAR-10 classes; unknown {unknown}; valid: {CIFAR10_CLASSES}")
-        self.classes = list(classes) if classes else list(CIFAR10_CLASSES)
-        if not 0 < val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        self.source = CIFAR10Source(root, download, classes, val_fraction)
+        self.classes = self.source.class_names
         self.root = Path(root)
         self._data: LabelledImages | None = None
-        self._parts: tuple[np.ndarray, np.ndarray] | None = None
+        self._splits: dict[str, np.ndarray] | None = None
 
     @property
     def class_names(self) -> list[str]:
-        return list(self.classes)
+        return self.source.class_names
 
     def prepare_data(self) -> None:
-        if self.hparams.download:
-            download_cifar10(self.root)
+        self.source.prepare()
 
     def load_images(self) -> LabelledImages:
         """This datamodule's source: CIFAR-10 (train and test, official splits), kept classes only."""
         if self._data is None:
-            self._data = load_cifar10(self.root, self.classes, self.hparams.download)
+            self._data = self.source.load(NATIVE_SIZE)
         return self._data
 
-    def _split(self, name: str) -> LabelledImages:
-        data = self.load_images()
-        return data.subset(data.splits[name])
+    def _split(self, name: str) -> np.ndarray:
+        if self._splits is None:
+            self._splits = self.source.splits(self.load_images(), self.hparams.seed)
+        return self._splits[name]
 
-    def _prepare_train(self) -> None:
-        if self._parts is None:
-            labels = self._split("train").labels
-            self._parts = carve_val(labels, self.hparams.val_fraction, self.hparams.seed)
-            rank_zero_info(
-                f"CIFAR-10: {len(self._parts[0])} train / {len(self._parts[1])} val images "
-                f"(val_fraction={self.hparams.val_fraction}, seed={self.hparams.seed})"
-            )
+    @property
+    def _parts(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(train, val)`` indices (official train images come first: also indices into it)."""
+        return self._split("train"), self._split("val")
 
     def train_labels(self) -> np.ndarray:
-        self._prepare_train()
-        return self._split("train").labels[self._parts[0]]
+        return self.load_images().labels[self._split("train")]
 
     def setup(self, stage: str | None = None) -> None:
+        data = self.load_images()
+        train_tf, eval_tf = self.transforms_for(data)
         if stage in (None, "fit", "validate"):
-            self._prepare_train()
-            train = self._split("train")
-            train_tf, eval_tf = self.transforms_for(train)
-            self.train_set = train.dataset(self._parts[0], train_tf)
-            self.val_set = train.dataset(self._parts[1], eval_tf)
+            self.train_set = data.dataset(self._split("train"), train_tf)
+            self.val_set = data.dataset(self._split("val"), eval_tf)
         if stage in (None, "test"):
-            test = self._split("test")
-            self.test_set = test.dataset(None, self.transforms_for(test)[1])
+            self.test_set = data.dataset(self._split("test"), eval_tf)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from tl_lightning.data.base import ImageDataModule
-from tl_lightning.data.source import LabelledImages
+from tl_lightning.data.source import ImageSource, LabelledImages
 from tl_lightning.data.split import stratified_split
 
 
@@ -22,8 +22,6 @@ def load_digits_images(image_size: int) -> tuple[torch.Tensor, np.ndarray]:
     return images, digits.target.astype(np.int64)
 
 
-
-
 DIGITS_CLASSES = [str(i) for i in range(10)]
 
 
@@ -31,6 +29,31 @@ def load_digits(image_size: int) -> LabelledImages:
     """The digits as :class:`LabelledImages`, rendered at ``image_size`` (never flipped)."""
     images, labels = load_digits_images(image_size)
     return LabelledImages(images, labels, list(DIGITS_CLASSES), whole_image=True, hflip=False)
+
+
+class DigitsSource(ImageSource):
+    """scikit-learn's digits as a source: seeded stratified train/val/test ``split`` fractions.
+
+    Example:
+        >>> DigitsSource(split=(0.6, 0.2, 0.2)).class_names[:3]
+        ['0', '1', '2']
+    """
+
+    def __init__(self, split: tuple[float, float, float] = (0.6, 0.2, 0.2)):
+        if len(split) != 3:
+            raise ValueError(f"split must be 3 fractions (train, val, test), got {list(split)}")
+        self.split = tuple(split)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(DIGITS_CLASSES)
+
+    def load(self, image_size: int) -> LabelledImages:
+        return load_digits(image_size)
+
+    def splits(self, images: LabelledImages, seed: int) -> dict[str, np.ndarray]:
+        parts = stratified_split(images.labels, self.split, seed=seed)
+        return dict(zip(("train", "val", "test"), parts, strict=True))
 
 
 class DigitsDataModule(ImageDataModule):
@@ -51,23 +74,28 @@ class DigitsDataModule(ImageDataModule):
 
     def __init__(self, *args, image_size: int | None = 64, split: tuple[float, float, float] = (0.6, 0.2, 0.2), **kwargs):
         super().__init__(*args, image_size=image_size, **kwargs)
-        self.split = tuple(split)
+        self.source: ImageSource = DigitsSource(split)
         self._labels: np.ndarray | None = None
         self._parts: list[np.ndarray] | None = None
 
     @property
+    def split(self) -> tuple[float, ...]:
+        return self.source.split
+
+    @property
     def class_names(self) -> list[str]:
-        return list(DIGITS_CLASSES)
+        return self.source.class_names
 
     def load_images(self) -> LabelledImages:
-        """This datamodule's source: the digits at ``image_size``."""
-        return load_digits(self.image_size)
+        """This datamodule's source's images at ``image_size``."""
+        return self.source.load(self.image_size)
 
     def _prepare(self) -> None:
         if self._parts is None:
             self._data = self.load_images()
             self._images, self._labels = self._data.items, self._data.labels
-            self._parts = stratified_split(self._labels, self.split, seed=self.hparams.seed)
+            splits = self.source.splits(self._data, self.hparams.seed)
+            self._parts = [splits[name] for name in ("train", "val", "test")]
 
     def train_labels(self) -> np.ndarray:
         self._prepare()

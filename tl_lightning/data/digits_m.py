@@ -15,7 +15,12 @@ from functools import cache
 import numpy as np
 import torch
 
-from tl_lightning.data.digits import DIGITS_CLASSES, DigitsDataModule, load_digits_images
+from tl_lightning.data.digits import (
+    DIGITS_CLASSES,
+    DigitsDataModule,
+    DigitsSource,
+    load_digits_images,
+)
 from tl_lightning.data.source import LabelledImages
 from tl_lightning.data.split import stratified_split
 
@@ -119,6 +124,35 @@ def load_digits_m(
     )
 
 
+class DigitsMSource(DigitsSource):
+    """One half of the digits (``part``), blended with photo patches (digits-M) unless
+    ``blend=False``, as a source; ``split``: train/val/test fractions within the half.
+
+    Example:
+        >>> target = DigitsMSource(part="target", photo_seed=0)
+        >>> target.load(image_size=28).items.shape
+        torch.Size([896, 3, 28, 28])
+    """
+
+    def __init__(
+        self,
+        part: str = "target",
+        blend: bool = True,
+        photos: list[str] | None = None,
+        photo_seed: int = 0,
+        split: tuple[float, float, float] = (0.6, 0.2, 0.2),
+    ):
+        super().__init__(split)
+        if part not in PARTS:
+            raise ValueError(f"unknown part '{part}'; valid: {list(PARTS)}")
+        self.part, self.blend = part, blend
+        self.photos = list(photos) if photos is not None else list(DEFAULT_PHOTOS)
+        self.photo_seed = photo_seed
+
+    def load(self, image_size: int) -> LabelledImages:
+        return load_digits_m(image_size, self.part, self.blend, self.photos, self.photo_seed)
+
+
 class DigitsMDataModule(DigitsDataModule):
     """Digits-M: scikit-learn digits on natural-photo patches (a MNIST-M-like target domain, offline).
 
@@ -149,12 +183,6 @@ class DigitsMDataModule(DigitsDataModule):
         **kwargs,
     ):
         super().__init__(*args, image_size=image_size, split=split, **kwargs)
-        if part not in PARTS:
-            raise ValueError(f"unknown part '{part}'; valid: {list(PARTS)}")
+        self.source = DigitsMSource(part, blend, photos, photo_seed, split)
         self.part, self.blend = part, blend
-        self.photos = list(photos) if photos is not None else list(DEFAULT_PHOTOS)
-        self.photo_seed = photo_seed
-
-    def load_images(self) -> LabelledImages:
-        """This datamodule's source: one half of the digits, blended or plain."""
-        return load_digits_m(self.image_size, self.part, self.blend, self.photos, self.photo_seed)
+        self.photos, self.photo_seed = self.source.photos, photo_seed

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+import os
 
 import numpy as np
-from lightning.pytorch import LightningDataModule
+import torch
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
@@ -14,10 +13,12 @@ from tl_lightning.data.base import ImageDataModule, ResumableSkipFailedDataLoade
 from tl_lightning.data.decode import is_failed, skip_failed_collate
 from tl_lightning.data.resumable_sampler import ResumableRandomSampler
 from tl_lightning.data.seeded_samples import SeededSamples
+from tl_lightning.data.source import ImageSource, LabelledImages
+from tl_lightning.data.transforms import AUGMENT_PRESETS
 from tl_lightning.errors import DataError
-from tl_lightning.lightning_compat import own_hyperparameters
 
-PASSED_DOWN = ("backbone", "weights", "image_size", "batch_size")
+SIDES = ("source", "target")
+_FILE_WORKERS = 4  # loaders decoding image files; in-memory images load in the main process
 
 
 class ImagesOnly(Dataset):
@@ -34,58 +35,33 @@ class ImagesOnly(Dataset):
         return sample if is_failed(sample) else sample[0]
 
 
-def _build(spec: dict | ImageDataModule, shared: dict[str, Any], role: str) -> ImageDataModule:
-    """A datamodule from ``{"class_path": ..., "init_args": {...}}`` with the shared args passed down."""
-    if isinstance(spec, ImageDataModule):
-        for key in ("backbone", "weights"):
-            if spec.hparams.get(key) != shared[key]:
-                raise ValueError(
-                    f"{role} datamodule was built with {key}={spec.hparams.get(key)!r} but the domain "
-                    f"datamodule has {key}={shared[key]!r}; pass {role} as a class_path/init_args dict "
-                    "so the backbone's preprocessing is passed down"
-                )
-        return spec
-    if not isinstance(spec, dict) or "class_path" not in spec:
-        raise ValueError(
-            f"{role} must be a dict like {{'class_path': 'tl_lightning.data.DigitsDataModule', "
-            f"'init_args': {{...}}}}, got {spec!r}"
-        )
-    module_name, _, class_name = spec["class_path"].rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise ValueError(f"{role}.class_path '{spec['class_path']}' cannot be imported: {e}") from e
-    if not (isinstance(cls, type) and issubclass(cls, ImageDataModule)):
-        raise ValueError(
-            f"{role}.class_path '{spec['class_path']}' is not an ImageDataModule subclass"
-        )
-    init_args = dict(spec.get("init_args") or {})
-    init_args.update({k: v for k, v in shared.items() if v is not None or k == "weights"})
-    with own_hyperparameters():  # not the outer config LightningCLI is instantiating
-        return cls(**init_args)
+class DomainAdaptationDataModule(ImageDataModule):
+    """A labelled source and a target whose labels never train, composed from two sources.
 
-
-class DomainAdaptationDataModule(LightningDataModule):
-    """Pairs a labelled source datamodule with a target datamodule whose labels never train.
+    ``source`` and ``target`` are :class:`~tl_lightning.data.source.ImageSource` recipes
+    (``DigitsMSource``, ``CIFAR10Source``, ``CatsDogsSource``, ``ImageFolderSource``, ...): this
+    datamodule loads both, splits each (seeded by ``seed``) and owns all six datasets.
 
     - ``train``: a Lightning ``CombinedLoader`` (mode ``max_size_cycle``, the shorter side
       cycles) yielding ``{"source": (x, y), "target": x}``: target *images only*, labels dropped.
+      ``sampler``, ``mixup_alpha`` and ``cutmix_alpha`` act on the source (they use labels).
     - ``val``: two loaders, source val (index 0) and target val (index 1). Model selection uses
       **source** validation (``val/acc``); ``val/target_acc`` is a diagnostic only (in a real
       unsupervised problem you would not have it) and must not pick checkpoints.
     - ``test``: the target test split: ``test/acc`` is target-test accuracy.
 
-    ``backbone``, ``weights`` (linked from the model by the CLI), ``image_size`` and ``batch_size``
-    are passed down to both datamodules, so preprocessing comes from the backbone; each training
-    batch is ``batch_size`` source + ``batch_size`` target images (the paper's half/half).
+    Preprocessing comes from ``backbone``/``weights`` (linked from the model by the CLI) at one
+    ``image_size`` for both domains; each training batch is ``batch_size`` source +
+    ``batch_size`` target images (the paper's half/half). ``augment`` applies to both domains
+    unless ``target_augment`` is given. Images that fail to load are skipped and logged in the
+    run's ``skipped_images.csv`` as ``source_train``, ``target_val``, ...
 
     Example:
+        >>> from tl_lightning.data.digits_m import DigitsMSource
         >>> dm = DomainAdaptationDataModule(
-        ...     source={"class_path": "tl_lightning.data.digits_m.DigitsMDataModule",
-        ...             "init_args": {"part": "source", "blend": False}},
-        ...     target={"class_path": "tl_lightning.data.digits_m.DigitsMDataModule",
-        ...             "init_args": {"part": "target"}},
-        ...     backbone="dann_cnn", weights=None)
+        ...     source=DigitsMSource(part="source", blend=False),
+        ...     target=DigitsMSource(part="target"),
+        ...     backbone="dann_cnn", weights=None, image_size=28)
         >>> dm.setup("fit"); batch, _, _ = next(iter(dm.train_dataloader()))
         >>> batch["source"][0].shape, batch["target"].shape
         (torch.Size([64, 3, 28, 28]), torch.Size([64, 3, 28, 28]))
@@ -93,93 +69,126 @@ class DomainAdaptationDataModule(LightningDataModule):
 
     def __init__(
         self,
-        source: dict[str, Any],
-        target: dict[str, Any],
+        source: ImageSource,
+        target: ImageSource,
         backbone: str = "efficientnet_lite0",
         weights: str | None = "DEFAULT",
         image_size: int | None = None,
-        batch_size: int | None = 64,
+        augment: str = "none",
+        target_augment: str | None = None,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        batch_size: int = 64,
+        num_workers: int | None = None,
+        sampler: str | None = None,
+        seed: int = 0,
+        predict_dir: str | None = None,
     ):
-        super().__init__()
-        # datamodule instances (Python use) are not plain values: keep them out of the hparams
-        self.save_hyperparameters(
-            ignore=[
-                k for k, v in (("source", source), ("target", target)) if not isinstance(v, dict)
-            ]
-        )
-        shared = {
-            "backbone": backbone,
-            "weights": weights,
-            "image_size": image_size,
-            "batch_size": batch_size,
-        }
-        self.source = _build(source, shared, "source")
-        self.target = _build(target, shared, "target")
-        for name in ("sampler", "mixup_alpha", "cutmix_alpha"):
-            if self.target.hparams.get(name):
+        for role, side in (("source", source), ("target", target)):
+            if not isinstance(side, ImageSource):
                 raise ValueError(
-                    f"target.{name}={self.target.hparams[name]!r} would use target labels in training; "
-                    f"remove it from the target datamodule (set it on the source instead)"
+                    f"{role} must be an ImageSource such as tl_lightning.data.digits_m.DigitsMSource "
+                    f"(in YAML: class_path + init_args), got {type(side).__name__}"
                 )
-        if [c.lower() for c in self.source.class_names] != [
-            c.lower() for c in self.target.class_names
-        ]:
-            raise DataError(
-                f"source classes {self.source.class_names} differ from target classes "
-                f"{self.target.class_names}; domain adaptation needs one label space (filter or map them)"
+        if target_augment is not None and target_augment not in AUGMENT_PRESETS:
+            raise ValueError(
+                f"unknown target_augment preset '{target_augment}'; valid: {list(AUGMENT_PRESETS)}"
             )
+        super().__init__(
+            backbone, weights, image_size, augment, mixup_alpha, cutmix_alpha, batch_size,
+            num_workers, sampler, seed, predict_dir,
+        )  # fmt: skip
+        # the sources as plain values: a checkpoint's hparams must load with weights_only=True
+        self.save_hyperparameters(
+            {**self.hparams, "source": source.config(), "target": target.config()}
+        )
+        self.sources = {"source": source, "target": target}
+        if [c.lower() for c in source.class_names] != [c.lower() for c in target.class_names]:
+            raise DataError(
+                f"source classes {source.class_names} differ from target classes "
+                f"{target.class_names}; domain adaptation needs one label space (filter or map them)"
+            )
+        self.sets: dict[str, dict[str, Dataset]] = {"source": {}, "target": {}}
+        self._images: dict[str, LabelledImages] = {}
+        self._splits: dict[str, dict[str, np.ndarray]] = {}
 
     @property
     def class_names(self) -> list[str]:
-        return self.source.class_names
-
-    @property
-    def num_classes(self) -> int:
-        return self.source.num_classes
-
-    def class_counts(self) -> list[int]:
-        """Source training class counts (for ``class_weights: balanced``; target labels are not used)."""
-        return self.source.class_counts()
+        return self.sources["source"].class_names
 
     def train_labels(self) -> np.ndarray:
-        return self.source.train_labels()
+        """Source training labels (class counts, the weighted sampler; target labels are not used)."""
+        return self._side("source")[0].labels[self._side("source")[1]["train"]]
 
     def prepare_data(self) -> None:
-        self.source.prepare_data()
-        self.target.prepare_data()
+        for source in self.sources.values():
+            source.prepare()
+
+    def _side(self, role: str) -> tuple[LabelledImages, dict[str, np.ndarray]]:
+        """One side's images (loaded once) and the indices of its splits."""
+        if role not in self._images:
+            images = self.sources[role].load(self.image_size)
+            self._images[role] = images
+            self._splits[role] = self.sources[role].splits(images, self.hparams.seed)
+        return self._images[role], self._splits[role]
+
+    def workers(self, role: str) -> int:
+        """Loader workers of one side: ``num_workers``, else 0 for in-memory images and 4 for files."""
+        given = self.hparams.num_workers
+        in_memory = isinstance(self._side(role)[0].items, torch.Tensor)
+        workers = given if given is not None else (0 if in_memory else _FILE_WORKERS)
+        return min(workers, os.cpu_count() or 1)
 
     def setup(self, stage: str | None = None) -> None:
-        for role, side in (("source", self.source), ("target", self.target)):
-            side.log_skips_to(self.trainer, role)  # broken images go to this run's skip log
-            side.setup(stage)
+        augment = {"source": self.hparams.augment, "target": self.hparams.target_augment}
+        for role in SIDES:
+            images, splits = self._side(role)
+            train_tf, eval_tf = self.transforms_for(images, augment[role])
+            tfs = {"train": train_tf, "val": eval_tf, "test": eval_tf}
+            for split, indices in splits.items():
+                if len(indices) and split not in self.sets[role]:
+                    self.sets[role][split] = images.dataset(indices, tfs[split])
+        self.train_set = self.sets["source"].get("train")
+        self.val_set = self.sets["source"].get("val")
+        self.test_set = self.sets["target"].get("test")
+        self.num_workers = self.workers("source")  # the base class's loaders are the source's
+
+    def val_image_sets(self) -> list[tuple[str, Dataset]]:
+        return [(role, self.sets[role]["val"]) for role in SIDES if "val" in self.sets[role]]
+
+    def _target(self, split: str) -> Dataset:
+        dataset = self.sets["target"].get(split)
+        if dataset is None:
+            raise RuntimeError(
+                f"DomainAdaptationDataModule has no target {split} split; call setup() first "
+                "(or give the target source a test_fraction > 0)"
+            )
+        return dataset
 
     def train_dataloader(self) -> CombinedLoader:
-        target = self.target
-        if target.train_set is None:
-            raise RuntimeError(
-                "DomainAdaptationDataModule has no target train split; call setup() first"
-            )
-        target.route_skips(target.train_set, "train")
-        seed = target.hparams.seed + 1  # an order of its own, not the source's permutation
+        target = self._target("train")
+        self.route_skips(target, "target_train")
+        seed = self.hparams.seed + 1  # an order of its own, not the source's permutation
+        workers = self.workers("target")
         # resumable mid-epoch and augmented per (seed, epoch, index), like the source loader
         target_loader = ResumableSkipFailedDataLoader(
-            SeededSamples(ImagesOnly(target.train_set), seed),
+            SeededSamples(ImagesOnly(target), seed),
             collate_fn=skip_failed_collate,
-            batch_size=target.batch_size,
-            sampler=ResumableRandomSampler(len(target.train_set), seed=seed, keyed=True),
+            batch_size=self.batch_size,
+            sampler=ResumableRandomSampler(len(target), seed=seed, keyed=True),
             seed=seed,
-            num_workers=target.num_workers,
-            persistent_workers=target.num_workers > 0,
-            drop_last=len(target.train_set) > target.batch_size,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            drop_last=len(target) > self.batch_size,
         )
-        loaders = {"source": self.source.train_dataloader(), "target": target_loader}
+        loaders = {"source": self._train_loader("source_train"), "target": target_loader}
         return CombinedLoader(loaders, mode="max_size_cycle")
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [self.source.val_dataloader(), self.target.val_dataloader()]
+        return [
+            self._loader(self.val_set, "source_val"),
+            self._loader(self._target("val"), "target_val", num_workers=self.workers("target")),
+        ]
 
     def test_dataloader(self) -> DataLoader:
-        return self.target.test_dataloader()
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.target.predict_dataloader()
+        return self._loader(self._target("test"), "target_test", num_workers=self.workers("target"))

@@ -10,7 +10,7 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from tl_lightning.data.base import ImageDataModule
-from tl_lightning.data.cats_dogs import ScannedFolderSplits
+from tl_lightning.data.cats_dogs import ScannedFolderSplits, ScannedSource
 from tl_lightning.data.decode import load_rgb
 from tl_lightning.data.listing import IMAGE_EXTENSIONS, class_folders, list_images
 from tl_lightning.data.scan import SKIPPED, ScanResult, _skip_summary, scan_image_folder
@@ -54,6 +54,82 @@ def load_image_folder(root: str | Path) -> LabelledImages:
     return LabelledImages(files, np.asarray(labels, dtype=np.int64), folder_classes(root))
 
 
+class ImageFolderSource(ScannedSource):
+    """Any ``root/{class}/*`` folder as a source: scanned once, broken files skipped, class
+    folders without image files left out with a warning (see :class:`ImageFolderDataModule`).
+
+    Example:
+        >>> ImageFolderSource("my_images", val_fraction=0.2).class_names  # doctest: +SKIP
+        ['cat', 'dog', 'fox']
+    """
+
+    def __init__(
+        self,
+        root: str,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        scan_dir: str | None = None,
+    ):
+        super().__init__(val_fraction, test_fraction, scan_dir)
+        self.root = root
+
+    @cached_property
+    def _classes(self) -> list[str]:
+        """Non-empty class subfolders; empty ones are left out with a warning."""
+        root = Path(self.root)
+        if not root.is_dir():
+            raise FileNotFoundError(
+                f"image folder root='{root}' does not exist; point data.init_args.root at a "
+                f"folder with one subfolder of images per class"
+            )
+        folders = class_folders(root)
+        classes = [c for c in folders if _has_image_files(root / c)]
+        empty = sorted(set(folders) - set(classes))
+        if empty:
+            rank_zero_warn(
+                f"{root}: ignoring {len(empty)} class folder(s) without image files: {empty}"
+            )
+        if len(classes) < 2:
+            raise DataError(
+                f"'{root}' has {len(classes)} class folder(s) with images {classes}"
+                f"{f' (empty: {empty})' if empty else ''}; a classifier needs at least 2 "
+                f"subfolders of images, e.g. {root}/cat/*.jpg and {root}/dog/*.jpg"
+            )
+        return classes
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self._classes)
+
+    def scan(self) -> ScanResult:
+        if self._scan is not None:
+            return self._scan
+        root = Path(self.root)
+        scan = scan_image_folder(root, load_rgb, self.scan_dir, classes=self._classes)
+        report = Path(self.scan_dir or root) / SKIPPED
+        counts = np.bincount(scan.labels, minlength=len(self.class_names))
+        if not scan.valid:
+            raise DataError(
+                f"none of the {len(scan.skipped)} files under '{root}' is a readable image "
+                f"({_skip_summary(scan.skipped)}; reasons in {report}); fix or replace the files"
+            )
+        need = 3 if self.test_fraction > 0 else 2  # one image per split at least
+        short = [self.class_names[i] for i in np.flatnonzero(counts < need)]
+        if short:
+            raise DataError(
+                f"class folder(s) {short} under '{root}' have fewer than {need} "
+                f"readable images ({dict(zip(self.class_names, counts.tolist(), strict=True))}; "
+                f"skipped files and reasons in {report}); add images or remove those folders"
+            )
+        rank_zero_info(
+            f"{root}: {len(scan.valid)} images "
+            f"{dict(zip(self.class_names, counts.tolist(), strict=True))}, {len(scan.skipped)} "
+            f"skipped ({_skip_summary(scan.skipped)}; {report})"
+        )
+        self._scan = scan
+        return scan
+
+
 class ImageFolderDataModule(ScannedFolderSplits, ImageDataModule):
     """A folder of ``{class}/*`` images: one class per subfolder, seeded stratified splits.
 
@@ -84,64 +160,10 @@ class ImageFolderDataModule(ScannedFolderSplits, ImageDataModule):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        self.check_fractions(val_fraction, test_fraction)
+        self.source = ImageFolderSource(root, val_fraction, test_fraction, scan_dir)
         self.root = Path(root)
-        self._scan: ScanResult | None = None
         self._parts: list[np.ndarray] | None = None
-
-    @cached_property
-    def _classes(self) -> list[str]:
-        """Non-empty class subfolders; empty ones are left out with a warning."""
-        if not self.root.is_dir():
-            raise FileNotFoundError(
-                f"image folder root='{self.root}' does not exist; point data.init_args.root at a "
-                f"folder with one subfolder of images per class"
-            )
-        folders = class_folders(self.root)
-        classes = [c for c in folders if _has_image_files(self.root / c)]
-        empty = sorted(set(folders) - set(classes))
-        if empty:
-            rank_zero_warn(
-                f"{self.root}: ignoring {len(empty)} class folder(s) without image files: {empty}"
-            )
-        if len(classes) < 2:
-            raise DataError(
-                f"'{self.root}' has {len(classes)} class folder(s) with images {classes}"
-                f"{f' (empty: {empty})' if empty else ''}; a classifier needs at least 2 "
-                f"subfolders of images, e.g. {self.root}/cat/*.jpg and {self.root}/dog/*.jpg"
-            )
-        return classes
 
     @property
     def class_names(self) -> list[str]:
-        return list(self._classes)
-
-    def prepare_data(self) -> None:
-        self._scan_folder()  # once, on one process: the other ranks read the cache in setup()
-
-    def _scan_folder(self) -> ScanResult:
-        if self._scan is not None:
-            return self._scan
-        scan = scan_image_folder(self.root, load_rgb, self.hparams.scan_dir, classes=self._classes)
-        report = Path(self.hparams.scan_dir or self.root) / SKIPPED
-        counts = np.bincount(scan.labels, minlength=self.num_classes)
-        if not scan.valid:
-            raise DataError(
-                f"none of the {len(scan.skipped)} files under '{self.root}' is a readable image "
-                f"({_skip_summary(scan.skipped)}; reasons in {report}); fix or replace the files"
-            )
-        need = 3 if self.hparams.test_fraction > 0 else 2  # one image per split at least
-        short = [self.class_names[i] for i in np.flatnonzero(counts < need)]
-        if short:
-            raise DataError(
-                f"class folder(s) {short} under '{self.root}' have fewer than {need} "
-                f"readable images ({dict(zip(self.class_names, counts.tolist(), strict=True))}; "
-                f"skipped files and reasons in {report}); add images or remove those folders"
-            )
-        rank_zero_info(
-            f"{self.root}: {len(scan.valid)} images "
-            f"{dict(zip(self.class_names, counts.tolist(), strict=True))}, {len(scan.skipped)} "
-            f"skipped ({_skip_summary(scan.skipped)}; {report})"
-        )
-        self._scan = scan
-        return scan
+        return self.source.class_names

@@ -1,4 +1,5 @@
-"""The one source contract: labelled images (items, labels, class names, how to load one item).
+"""The one source contract: labelled images (items, labels, class names, how to load one item),
+and :class:`ImageSource`, the config-level recipe that loads and splits them.
 
 Every dataset has one loader that returns :class:`LabelledImages` (``digits.load_digits``,
 ``digits_m.load_digits_m``, ``cifar10.load_cifar10``, ``flowers102.load_flowers102``,
@@ -9,6 +10,7 @@ a classification datamodule splits one into train/val/test, the few-shot one spl
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,3 +82,42 @@ class LabelledImages:
             return ImageDataset(self.items, self.labels, transform)
         indices = np.asarray(indices, dtype=np.int64)
         return ImageDataset(self._take(indices), self.labels[indices], transform)
+
+
+class ImageSource:
+    """How to get one dataset's :class:`LabelledImages` and its splits, from plain config values.
+
+    The recipe a datamodule composes (``DomainAdaptationDataModule`` takes two): ``prepare()``
+    downloads or scans once (from ``prepare_data``), ``class_names`` is known before loading,
+    ``load(image_size)`` gives the images and ``splits(images, seed)`` the indices of the
+    ``train``, ``val`` and ``test`` splits. A subclass stores each constructor argument under its
+    own name, so :meth:`config` can write it back as ``class_path``/``init_args``.
+
+    Example:
+        >>> from tl_lightning.data.digits_m import DigitsMSource
+        >>> source = DigitsMSource(part="target")
+        >>> images = source.load(image_size=28)
+        >>> {k: len(v) for k, v in source.splits(images, seed=0).items()}
+        {'train': 538, 'val': 180, 'test': 178}
+    """
+
+    def prepare(self) -> None:
+        """Download or scan what :meth:`load` reads (once, on one process)."""
+
+    @property
+    def class_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def load(self, image_size: int) -> LabelledImages:
+        raise NotImplementedError
+
+    def splits(self, images: LabelledImages, seed: int) -> dict[str, np.ndarray]:
+        """``{"train": indices, "val": indices, "test": indices}`` into ``images``."""
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        """``{"class_path": ..., "init_args": {...}}``: plain values, as a YAML config writes it."""
+        params = inspect.signature(type(self).__init__).parameters
+        args = {name: getattr(self, name) for name in list(params)[1:]}
+        args = {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()}
+        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": args}

@@ -15,7 +15,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.classification import MulticlassAccuracy
 
 import tl_lightning.backbones.dann_cnn  # noqa: F401  (registers the paper's digits CNN, `dann_cnn`)
-from tl_lightning.backbones.backbone import BN_POLICIES
+from tl_lightning.backbones.backbone import BNPolicy
 from tl_lightning.modules.base import ClassifierModule
 from tl_lightning.modules.grl import GradientReversal, grl_lambda
 from tl_lightning.optim import make_optimizer, make_scheduler
@@ -72,7 +72,7 @@ class DANNModule(ClassifierModule):
         freeze_groups: backbone layer groups to keep frozen, e.g. ``[stem]``.
         bn: BatchNorm policy of the frozen groups, the vocabulary of
             :class:`~tl_lightning.backbones.backbone.BNPolicy` (``eval``: statistics and affine
-            fixed, the default; ``stats``, ``affine``, ``train``).
+            fixed, the default; ``stats``, ``affine``, ``train``, ``auto``).
         gamma: GRL schedule steepness. domain_loss_weight: multiplies the domain loss.
         source_only: the baseline with identical code: no domain gradient reaches the features
             (the domain head still trains on detached features, so ``train/domain_acc`` shows
@@ -119,8 +119,7 @@ class DANNModule(ClassifierModule):
         optimizer: OptimizerCallable | None = None,
         **kwargs: Any,
     ):
-        if bn not in BN_POLICIES:
-            raise ValueError(f"unknown bn '{bn}'; valid: {', '.join(BN_POLICIES)}")
+        BNPolicy.parse(bn)  # a clear error before anything is built
         if optimizer is None:
             optimizer = functools.partial(
                 torch.optim.SGD, lr=lr, momentum=momentum, weight_decay=weight_decay

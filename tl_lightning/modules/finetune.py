@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tl_lightning.backbones.backbone import BNPolicy
 from tl_lightning.backbones.registry import _skip_weights
 from tl_lightning.backbones.source_head import source_classifier
 from tl_lightning.forgetting import StartingPoint
@@ -27,7 +28,8 @@ class FineTuneModule(ClassifierModule):
 
     Args:
         train_groups: train only the last N backbone layer groups (None: all of them). Earlier
-            groups are frozen with BatchNorm policy ``bn`` (``eval``, ``train``, ``affine`` or ``stats``).
+            groups are frozen with BatchNorm policy ``bn`` (``eval``, ``train``, ``affine``, ``stats``
+            or ``auto``: the one vocabulary of :class:`~tl_lightning.backbones.BNPolicy`).
         lr_decay: LR multiplier applied once per *group* going from the head toward the input:
             the head trains at the base LR, the top group at ``base * lr_decay``, the next at
             ``base * lr_decay**2``... (the seeds decayed per parameter tensor, which shrinks
@@ -84,6 +86,7 @@ class FineTuneModule(ClassifierModule):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        BNPolicy.parse(bn)  # a clear error even when no group is frozen yet
         self.include_frozen_groups = False  # not a hyperparameter: a callback's contract
         if not 0 < lr_decay <= 1:
             raise ValueError(f"lr_decay must be in (0, 1], got {lr_decay}")

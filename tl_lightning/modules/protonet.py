@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,72 +23,30 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics import CatMetric, MeanMetric
 from tqdm.auto import tqdm
 
-from tl_lightning.backbones import Backbone, build_backbone
+from tl_lightning.backbones import Backbone, BNPolicy, build_backbone
 from tl_lightning.backbones import conv4 as _conv4  # noqa: F401  (registers the conv4 backbone)
 from tl_lightning.errors import DataError
 from tl_lightning.modules.base import TransferModule
+from tl_lightning.modules.prototypes import (
+    DISTANCES,
+    PrototypeClassifier,
+    class_prototypes,
+    prototype_logits,
+    remap_labels,
+)
+
+__all__ = [  # the prototype functions are importable from here too
+    "ProtoNetModule",
+    "predict_few_shot",
+    "FewShotPrediction",
+    "confidence_interval",
+    "class_prototypes",
+    "prototype_logits",
+    "remap_labels",
+]
 
 # A frozen backbone is kept in eval mode on purpose; Lightning warns about that at fit start.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-
-DISTANCES = ("euclidean", "cosine")
-
-
-def remap_labels(
-    support_labels: torch.Tensor, query_labels: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Map an episode's class ids to ``0..N-1`` (sorted ids): ``(classes, support, query)``.
-
-    Without this, ids like ``[7, 3, 9]`` index prototypes that do not exist (easyfsl silently
-    returns NaN prototypes then). Query ids absent from the support raise :class:`DataError`.
-    """
-    classes, support = torch.unique(support_labels, sorted=True, return_inverse=True)
-    if query_labels is None:
-        return classes, support, None
-    query = torch.searchsorted(classes, query_labels).clamp(max=len(classes) - 1)
-    if not torch.equal(classes[query], query_labels):
-        missing = sorted(set(query_labels.tolist()) - set(classes.tolist()))
-        raise DataError(f"query labels {missing} have no support examples in this episode")
-    return classes, support, query
-
-
-def class_prototypes(
-    embeddings: torch.Tensor, labels: torch.Tensor, n_classes: int
-) -> torch.Tensor:
-    """Mean embedding per class ``[n_classes, D]``; ``labels`` must be ``0..n_classes-1``.
-
-    Also batched over episodes: ``[E, S, D]`` embeddings and ``[E, S]`` labels give ``[E, N, D]``.
-    """
-    # A one-hot matmul, not index_add_ (which took ~50 ms per call on this CPU build).
-    onehot = F.one_hot(labels, n_classes).to(embeddings.dtype).transpose(-1, -2)  # [(E,) N, S]
-    return (onehot @ embeddings) / onehot.sum(dim=-1, keepdim=True).clamp(min=1)
-
-
-def prototype_logits(
-    queries: torch.Tensor,
-    prototypes: torch.Tensor,
-    distance: str = "euclidean",
-    scale: torch.Tensor | float = 1.0,
-) -> torch.Tensor:
-    """``[Q, N]`` logits: ``-||q - p||^2`` (euclidean) or ``scale * cos(q, p)`` (cosine).
-
-    Also batched over episodes: ``[E, Q, D]`` queries and ``[E, N, D]`` prototypes give ``[E, Q, N]``.
-    """
-    if distance == "euclidean" and queries.ndim == 3:
-        # Many episodes: the [E, Q, N, D] differences would not fit in cache (measured 4x slower
-        # than episode by episode), so expand ||q||^2 - 2qp + ||p||^2 with one batched matmul,
-        # in float64 so the cancellation stays far below float32 rounding (MPS has no float64).
-        wide = torch.float32 if queries.device.type == "mps" else torch.float64
-        q, p = queries.to(wide), prototypes.to(wide)
-        sq = q.pow(2).sum(-1, keepdim=True) - 2 * q @ p.transpose(-1, -2) + p.pow(2).sum(-1)[:, None]
-        return -sq.clamp(min=0).to(queries.dtype)
-    if distance == "euclidean":
-        # Exact differences, not ||q||^2 - 2qp + ||p||^2: no cancellation for nearby points.
-        return -(queries[:, None, :] - prototypes[None, :, :]).pow(2).sum(dim=-1)
-    if distance == "cosine":
-        return scale * F.normalize(queries, dim=-1) @ F.normalize(prototypes, dim=-1).transpose(-1, -2)
-    raise ValueError(f"unknown distance '{distance}'; valid: {list(DISTANCES)}")
-
 
 def confidence_interval(accuracies: torch.Tensor) -> tuple[float, float]:
     """``(mean, 1.96 * std / sqrt(n))``: the 95 % interval of the mean episode accuracy."""
@@ -126,12 +83,15 @@ class ProtoNetModule(TransferModule):
         temperature: initial scale of cosine logits (learnable; unused for euclidean).
         projection_dim: add a linear projection to this many dims after the backbone.
         freeze_backbone: keep the backbone frozen and in eval mode.
-        bn: BatchNorm statistics while training episodically: ``train`` (batch statistics,
-            running averages updated: the paper's Conv-4 from scratch), ``eval`` (keep the
-            pretrained running statistics; affine weights still train) or ``auto`` (``eval``
-            for pretrained weights, ``train`` for random init). Small, narrow episodes of a new
-            domain give batch statistics that wreck pretrained features (EfficientNet-Lite0 on
-            digits: 76 % -> 44 % 5-shot after 60 episodes with ``train``).
+        bn: what the backbone's BatchNorm layers do while it trains episodically, in the one
+            vocabulary of :class:`~tl_lightning.backbones.BNPolicy`: ``train`` (batch
+            statistics, running averages updated: the paper's Conv-4 from scratch), ``affine``
+            (keep the pretrained running statistics; affine weights still train), ``stats``,
+            ``eval`` or ``auto`` (``affine`` for pretrained weights, ``train`` for random init).
+            Small, narrow episodes of a new domain give batch statistics that wreck pretrained
+            features (EfficientNet-Lite0 on digits: 76 % -> 44 % 5-shot after 60 episodes with
+            ``train``). Deprecated: ``eval`` meant ``affine`` here until this release; it still
+            does, with a ``FutureWarning``.
         cache_embeddings: with a frozen backbone, embed val/test images once.
         embed_batch_size: images per forward while caching (64 ran 1.4x faster than 256 on a
             2-core CPU: the activations stay in cache; raise it on a GPU).
@@ -169,11 +129,11 @@ class ProtoNetModule(TransferModule):
             raise ValueError(f"unknown distance '{distance}'; valid: {list(DISTANCES)}")
         if num_classes < 2:
             raise ValueError(f"num_classes (the evaluation way) must be >= 2, got {num_classes}")
-        if bn not in ("auto", "train", "eval"):
-            raise ValueError(f"unknown bn '{bn}'; valid: auto, train, eval")
+        policy = BNPolicy.parse(bn, "ProtoNetModule")  # its old `eval` warns, maps to `affine`
         if projection_dim is not None and projection_dim < 1:
             raise ValueError(f"projection_dim must be >= 1 or null, got {projection_dim}")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.hparams.bn = policy.value  # checkpoints and printed configs carry the new spelling
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.class_names = class_names
@@ -184,15 +144,14 @@ class ProtoNetModule(TransferModule):
             self.temperature = nn.Parameter(torch.tensor(float(temperature)))
         else:
             self.register_buffer("temperature", torch.tensor(1.0), persistent=False)
-        pretrained = weights is not None and self.backbone.pretrained
-        self.bn = ("eval" if pretrained else "train") if bn == "auto" else bn
+        self.bn = policy.resolve(self.backbone.pretrained)
         if freeze_backbone:
             self.backbone.freeze(bn="eval")
             self.backbone.eval()
-        elif self.bn == "eval":
+        elif self.bn != BNPolicy.TRAIN:
             # Backbone re-applies it after every .train(); Lightning does not call .train() at
             # the start of fit, so it must hold from construction
-            self.backbone.keep_bn_statistics()
+            self.backbone.set_bn_policy(self.bn)
         self.val_loss, self.val_acc = MeanMetric(), MeanMetric()
         self.test_loss, self.test_accs = MeanMetric(), CatMetric()
         self.val_accs = CatMetric()  # per-episode val accuracies (TensorBoard histogram)
@@ -200,7 +159,8 @@ class ProtoNetModule(TransferModule):
         self.test_results: dict[str, float] | None = None
         self.test_episode_accuracies: torch.Tensor | None = None
         self._cache: dict[str, tuple[Dataset, torch.Tensor]] = {}
-        self._predict: tuple[torch.Tensor, list[str]] | None = None
+        # predict: the support's prototypes and the class name of each logit column
+        self._predict: tuple[PrototypeClassifier, list[str]] | None = None
 
     # --- embedding -------------------------------------------------------------------------
     @property
@@ -235,6 +195,12 @@ class ProtoNetModule(TransferModule):
             both = self.embed(torch.cat([support, query]))
         return both[:n], both[n:]
 
+    def classifier(self) -> PrototypeClassifier:
+        """A nearest-prototype classifier over this model's embedding and distance."""
+        return PrototypeClassifier(
+            self.embed, self.hparams.distance, self.temperature, self.hparams.embed_batch_size
+        )
+
     def logits(self, query_emb: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
         """Query logits against prototypes with this model's distance."""
         return prototype_logits(
@@ -250,10 +216,11 @@ class ProtoNetModule(TransferModule):
         stage: str = "predict",
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(logits [Q, N], query targets in 0..N-1 or None)`` for one episode of any class ids."""
-        classes, s_labels, q_labels = remap_labels(support_labels, query_labels)
+        _, _, q_labels = remap_labels(support_labels, query_labels)  # checks the query ids
         s_emb, q_emb = self._embed_inputs(support, query, stage)
-        prototypes = class_prototypes(s_emb.float(), s_labels, len(classes))
-        return self.logits(q_emb, prototypes), q_labels
+        classifier = self.classifier()
+        classifier.process_support_embeddings(s_emb, support_labels.to(s_emb.device))
+        return classifier.logits(q_emb), q_labels
 
     def cached_episodes_logits(
         self,
@@ -413,21 +380,16 @@ class ProtoNetModule(TransferModule):
                 "--data tl_lightning.data.few_shot_predict.FewShotPredictDataModule "
                 "--data.support_dir SUPPORT/ --data.query_dir QUERY/"
             )
-        self._predict = self.support_prototypes(
-            datamodule.support_dataloader(), datamodule.class_names
-        )
+        self.support_prototypes(datamodule.support_dataloader(), datamodule.class_names)
 
     @torch.no_grad()
     def support_prototypes(
         self, loader: DataLoader, names: list[str]
     ) -> tuple[torch.Tensor, list[str]]:
         """``(prototypes [N, E], class names)`` from a loader of ``(image, label)`` support batches."""
-        embs, labels = [], []
-        for x, y in loader:
-            embs.append(self.embed(x.to(self.device)).float())
-            labels.append(y.to(self.device))
-        labels_t = torch.cat(labels)
-        return class_prototypes(torch.cat(embs), labels_t, len(names)), names
+        classifier = self.classifier()
+        self._predict = (classifier, support_classifier(classifier, loader, names, self.device))
+        return classifier.prototypes, self._predict[1]
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict:
         """``probs`` [B, N], ``pred`` [B], ``class_name`` list and ``id`` (file paths) per query batch."""
@@ -439,8 +401,8 @@ class ProtoNetModule(TransferModule):
             )
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         ids = batch[1] if isinstance(batch, (list, tuple)) and len(batch) > 1 else None
-        prototypes, names = self._predict
-        probs = self.logits(self.embed(x), prototypes).softmax(dim=1)
+        classifier, names = self._predict
+        probs = classifier(x).softmax(dim=1)
         pred = probs.argmax(dim=1)
         return {
             "probs": probs,
@@ -483,13 +445,13 @@ def predict_few_shot(
     if isinstance(model_or_backbone, str):
         model_or_backbone = build_backbone(model_or_backbone)
     if isinstance(model_or_backbone, ProtoNetModule):
-        model = model_or_backbone
-        embed: Callable[[torch.Tensor], torch.Tensor] = model.embed
-        dist, scale = distance or model.hparams.distance, model.temperature
-        net: nn.Module = model
+        net: nn.Module = model_or_backbone
+        classifier = PrototypeClassifier(
+            net.embed, distance or net.hparams.distance, net.temperature, batch_size
+        )
     elif isinstance(model_or_backbone, Backbone):
         net = model_or_backbone
-        embed, dist, scale = net, distance or "euclidean", 1.0
+        classifier = PrototypeClassifier(net, distance or "euclidean", batch_size=batch_size)
     else:
         raise TypeError(
             f"model_or_backbone must be a ProtoNetModule, Backbone or backbone name, got {type(model_or_backbone).__name__}"
@@ -502,24 +464,28 @@ def predict_few_shot(
     net.eval()
     try:
         with torch.no_grad():
-            embs, labels = [], []
-            for x, y in dm.support_dataloader():
-                embs.append(embed(x.to(device)).float())
-                labels.append(y.to(device))
-            prototypes = class_prototypes(torch.cat(embs), torch.cat(labels), len(dm.class_names))
+            names = support_classifier(classifier, dm.support_dataloader(), dm.class_names, device)
             out = []
             for batch in tqdm(dm.predict_dataloader(), desc="few-shot predict", leave=False):
                 if not batch:
                     continue
                 x, paths = batch
-                probs = prototype_logits(
-                    embed(x.to(device)).float(), prototypes, dist, scale
-                ).softmax(dim=1)
-                best, pred = probs.max(dim=1)
+                best, pred = classifier(x.to(device)).softmax(dim=1).max(dim=1)
                 out += [
-                    FewShotPrediction(str(p), dm.class_names[i], float(b))
+                    FewShotPrediction(str(p), names[i], float(b))
                     for p, i, b in zip(paths, pred.tolist(), best.tolist(), strict=True)
                 ]
     finally:
         net.train(was_training)
     return out
+
+
+def support_classifier(
+    classifier: PrototypeClassifier, loader: DataLoader, names: list[str], device: torch.device
+) -> list[str]:
+    """``process_support_set`` on every ``(image, label)`` batch of ``loader``; returns the class
+    name of each logit column (``names`` is indexed by the support's class ids)."""
+    batches = [batch for batch in loader if batch]  # [] when every image of a batch failed
+    images = torch.cat([x for x, _ in batches]).to(device)
+    classifier.process_support_set(images, torch.cat([y for _, y in batches]).to(device))
+    return [names[i] for i in classifier.classes.tolist()]
