@@ -126,6 +126,10 @@ def test_a_batch_file_broken_after_download_is_skipped_and_reported(cifar10_patc
     rows = (folder / "skipped.csv").read_text().splitlines()
     assert rows == ["path,reason", f"{folder / 'data_batch_3'},corrupted (md5 mismatch)",
                     f"{folder / 'data_batch_5'},missing"]  # fmt: skip
+    for name in ("data_batch_3", "data_batch_5"):  # fixed by hand: no stale report is left
+        shutil.copy(cifar10_patched.root / "cifar-10-batches-py" / name, folder / name)
+    CIFAR10DataModule(root=str(root), download=False, **SMALL).setup("fit")
+    assert not (folder / "skipped.csv").exists()
 
 
 def test_every_training_batch_broken_is_a_data_error(cifar10_patched, tmp_path):
@@ -155,6 +159,9 @@ def test_download_true_repairs_a_broken_batch_from_the_kept_archive(cifar10_patc
     shutil.copytree(cifar10_patched.root, root)
     shutil.copy(cifar10_patched.archive, root)  # the archive stays next to the data
     _break(root / "cifar-10-batches-py" / "data_batch_2")
+    with pytest.warns(UserWarning, match="data_batch_2"):
+        CIFAR10DataModule(root=str(root), download=False, **SMALL).setup("fit")
+    assert (root / "cifar-10-batches-py" / "skipped.csv").is_file()
     dm = CIFAR10DataModule(root=str(root), **SMALL)  # download: true; the URL is unreachable
     dm.prepare_data()
     dm.setup("fit")
