@@ -130,7 +130,11 @@ def shrink_callbacks(config: dict) -> dict:
 def point_at_fake_data(config: dict, kind: str | None, request) -> dict:
     """Set the config's data root(s) to the fake data in real formats (no download happens:
     the files are there and their checksums are the fixtures')."""
-    fixtures = {"cifar": "cifar10_patched", "flowers": "flowers102_patched", "pets": "petimages_root"}
+    fixtures = {
+        "cifar": "cifar10_patched",
+        "flowers": "flowers102_patched",
+        "pets": "petimages_root",
+    }
     roots = {}
     for part in kind.split("+") if kind else []:
         if part == "folder":
@@ -148,7 +152,9 @@ def point_at_fake_data(config: dict, kind: str | None, request) -> dict:
 
 
 @pytest.mark.parametrize("config", sorted(CASES))
-def test_shipped_config_resumes_to_the_uninterrupted_weights(config, tmp_path, monkeypatch, request):
+def test_shipped_config_resumes_to_the_uninterrupted_weights(
+    config, tmp_path, monkeypatch, request
+):
     overrides, data, kill_step = CASES[config]
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TL_LIGHTNING_CACHE", str(tmp_path / "cache"))
