@@ -78,11 +78,13 @@ def _fit_then_sigkill(args: list[str]) -> None:
     os._exit(0)  # not reached when the kill works
 
 
-def kill_resume_compare(tmp_path: Path, config: str, args: list[str], kill_step: int) -> tuple:
+def kill_resume_compare(
+    tmp_path: Path, config: str, args: list[str], kill_step: int, uninterrupted: tuple = ()
+) -> tuple:
     """Uninterrupted fit, killed child, resume; returns (max |w diff|, resumed cli, killed ckpt).
 
     The killed run is a forked child (no second import of torch), SIGKILLed by
-    ``tests.test_faults.KillAtStep``.
+    ``tests.test_faults.KillAtStep``. ``uninterrupted`` adds flags to the uninterrupted run only.
     """
     (tmp_path / "case.yaml").write_text(config)
     common = ["--config", "case.yaml", *args]
@@ -91,7 +93,8 @@ def kill_resume_compare(tmp_path: Path, config: str, args: list[str], kill_step:
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
-        run_cli(["fit", *common, "--trainer.logger=false", "--checkpoint.dirpath=uninterrupted"])
+        run_cli(["fit", *common, *uninterrupted, "--trainer.logger=false",
+                 "--checkpoint.dirpath=uninterrupted"])  # fmt: skip
         killer = ["--trainer.callbacks+=tests.test_faults.KillAtStep",
                   f"--trainer.callbacks.step={kill_step}"]  # fmt: skip
         child = multiprocessing.get_context("fork").Process(
@@ -237,6 +240,75 @@ def test_resume_around_a_batch_where_every_image_failed(failed_batch, save_step,
     assert resumed == [(step, batch) for step, batch in full if step >= save_step]
 
 
+# --- limit_train_batches: a checkpoint after an epoch's last batch ----------------------------
+class _SeenBatchesResuming(_SeenBatches):
+    def on_train_start(self) -> None:  # what every tl-lightning module does
+        from tl_lightning.resume import restore_train_loader_state
+
+        restore_train_loader_state(self.trainer)
+
+    def validation_step(self, batch, batch_idx) -> None:
+        pass
+
+
+class _SaveAtValidationEnd(Callback):
+    def __init__(self, step: int, path: Path) -> None:
+        self.step, self.path = step, path
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+
+
+class _SaveAtEpochEnd(Callback):
+    def __init__(self, epoch: int, path: Path) -> None:
+        self.epoch, self.path = epoch, path
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            trainer.save_checkpoint(self.path)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("saved", ["last batch", "validation end", "epoch end"])
+@pytest.mark.parametrize("length", ["max_epochs", "max_steps"])
+def test_resume_after_an_epoch_cut_by_limit_train_batches(length, saved, workers, tmp_path):
+    # 10 batches of 2 an epoch, cut to 4: a checkpoint after epoch 0's 4th batch must resume at
+    # batch 0 of epoch 1 (the loader's own count, 4 of 10, looks mid-epoch); before the fix the
+    # resumed run skipped the first 4 batches of epoch 1 (DANN showed 0.0016)
+    from tl_lightning.data.base import ResumableSkipFailedDataLoader
+    from tl_lightning.data.decode import skip_failed_collate
+    from tl_lightning.data.resumable_sampler import ResumableRandomSampler
+
+    def loader():
+        return ResumableSkipFailedDataLoader(
+            [torch.tensor([float(i)]) for i in range(20)], batch_size=2,
+            collate_fn=skip_failed_collate, sampler=ResumableRandomSampler(20, seed=0),
+            num_workers=workers, persistent_workers=workers > 0,
+        )  # fmt: skip
+
+    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                 enable_model_summary=False, limit_train_batches=4, limit_val_batches=1,
+                 num_sanity_val_steps=0)  # fmt: skip
+    # 3 epochs of 4 steps, counted in epochs or in steps (then the fit loop always "restarts")
+    quiet.update({"max_epochs": 3} if length == "max_epochs" else {"max_steps": 12, "max_epochs": -1})
+    end = tmp_path / "end.ckpt"
+    save = {"last batch": _SaveAt(4, end), "validation end": _SaveAtValidationEnd(4, end),
+            "epoch end": _SaveAtEpochEnd(0, end)}[saved]  # fmt: skip
+    val = [torch.zeros(1)]
+    full, resumed = [], []
+    Trainer(callbacks=[save], **quiet).fit(_SeenBatchesResuming(full), loader(), val)
+    Trainer(**quiet).fit(_SeenBatchesResuming(resumed), loader(), val, ckpt_path=end)
+    sampler = ResumableRandomSampler(20, seed=0)
+    expected = []
+    for epoch in (1, 2):  # the first 4 batches of each later epoch's order, computed here
+        sampler.set_epoch(epoch)
+        order = sampler.order()
+        expected += [[float(i) for i in order[2 * b : 2 * b + 2]] for b in range(4)]
+    assert [batch for _, batch in resumed] == expected
+    assert resumed == [(step, batch) for step, batch in full if step >= 4]
+
+
 # --- augmentation: a function of (seed, epoch, sample index) --------------------------------
 def test_random_augmentation_gives_the_same_weights_for_0_and_2_workers(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -269,6 +341,42 @@ def test_each_sample_is_augmented_from_seed_epoch_and_index_alone():
     assert all(torch.equal(a, b) for a, b in zip(zero, two, strict=True))
     other_epoch = batches(0, 2)
     assert not torch.equal(torch.cat(zero).sum(0), torch.cat(other_epoch).sum(0))
+
+
+MIX = ["--data.init_args.mixup_alpha=0.4", "--data.init_args.cutmix_alpha=1.0"]
+
+
+def test_each_mixup_cutmix_draw_is_a_function_of_seed_epoch_and_batch_index():
+    from tl_lightning.data import DigitsDataModule
+
+    def batches(workers: int, skip: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        dm = DigitsDataModule(backbone="conv4", weights=None, image_size=16, batch_size=16,
+                              mixup_alpha=0.4, cutmix_alpha=1.0, num_workers=workers,
+                              split=[0.1, 0.05, 0.85])  # fmt: skip
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        loader.load_state_dict({"epoch": 1, "batches": skip})  # epoch 1, resumed after `skip`
+        torch.manual_seed(workers + skip)  # neither the global stream nor the worker's matters
+        return list(loader)
+
+    zero, two, resumed = batches(0), batches(2), batches(2, skip=3)
+    assert len(zero) == 11 and zero[0][1].shape == (16, 10)  # soft targets: mixed
+    for a, b in zip(zero, two, strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    for a, b in zip(zero[3:], resumed, strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(zero[0][1], zero[1][1])  # each batch its own draw
+
+
+def test_mixup_cutmix_weights_are_the_same_for_0_workers_and_2_workers_killed_and_resumed(tmp_path):
+    # one comparison for both promises: the uninterrupted run loads in the main process, the
+    # killed and resumed one with 2 workers (a difference in either would show)
+    args = [*MIX, "--data.init_args.num_workers=2"]
+    diff, _, at_kill = kill_resume_compare(
+        tmp_path, BASE, args, kill_step=3, uninterrupted=["--data.init_args.num_workers=0"]
+    )
+    assert at_kill["global_step"] == 2 and at_kill["epoch"] == 0
+    assert diff <= TOL, f"MixUp/CutMix, 0 workers vs 2 killed+resumed: max |w diff| {diff:.3g}"
 
 
 # --- DDP: each rank restores its own random state ---------------------------------------------

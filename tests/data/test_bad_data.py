@@ -16,7 +16,7 @@ from PIL import Image
 from tests.helpers import TINY, quick_trainer
 from tl_lightning.callbacks.skipped_images import SkippedImagesReport
 from tl_lightning.cli import run_cli
-from tl_lightning.data.base import MixCollate
+from tl_lightning.data.base import MixBatch, ResumableSkipFailedDataLoader
 from tl_lightning.data.dataset import ImageDataset, ImageFilesDataset
 from tl_lightning.data.decode import (
     SKIP_LOG_NAME,
@@ -262,9 +262,13 @@ def test_collates_drop_failed_samples_and_keep_labels_with_their_images():
     x, y = skip_failed_collate(samples)
     assert y.tolist() == [0, 1, 2] and x[:, 0, 0, 0].tolist() == [0.0, 1.0, 2.0]
     assert skip_failed_collate([FailedSample("x", "r"), None]) == []
-    mixed_x, mixed_y = MixCollate(batch_mixer(0.4, 0.0, 3))(samples)
+    # MixUp runs on what survived the collate; a batch where every image failed is dropped unmixed
+    loader = ResumableSkipFailedDataLoader(
+        [*samples, FailedSample("y", "r"), None], batch_size=5, collate_fn=skip_failed_collate,
+        batch_transform=MixBatch(batch_mixer(0.4, 0.0, 3)),
+    )  # fmt: skip
+    ((mixed_x, mixed_y),) = list(loader)
     assert mixed_x.shape == (3, 3, 2, 2) and mixed_y.shape == (3, 3)
-    assert MixCollate(batch_mixer(0.4, 0.0, 3))([FailedSample("x", "r")]) == []
 
 
 def test_predict_folder_skips_broken_files_and_refuses_an_all_broken_one(tmp_path):

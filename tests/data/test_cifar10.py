@@ -101,15 +101,78 @@ def test_download_with_wrong_checksum_leaves_nothing(
         dm.setup("fit")
 
 
-def test_corrupted_batch_is_detected(cifar10_patched, tmp_path):
-    root = tmp_path / "data"
-    shutil.copytree(cifar10_patched.root, root)
-    with open(root / "cifar-10-batches-py" / "data_batch_3", "r+b") as f:
+def _break(path: Path) -> None:
+    with open(path, "r+b") as f:
         f.seek(100)
         f.write(b"\x00\x01\x02")
-    dm = CIFAR10DataModule(root=str(root), download=False, **SMALL)
-    with pytest.raises(FileNotFoundError, match="not found \\(or corrupted\\).*set download: true"):
+
+
+def test_a_batch_file_broken_after_download_is_skipped_and_reported(cifar10_patched, tmp_path):
+    # was: a FileNotFoundError for the whole dataset; issue 17 asks for skip + report like the
+    # image folders (a batch file is 10,000 real images: a loud warning with the count)
+    root = tmp_path / "data"
+    shutil.copytree(cifar10_patched.root, root)
+    folder = root / "cifar-10-batches-py"
+    _break(folder / "data_batch_3")
+    (folder / "data_batch_5").unlink()
+    per_file = 10 * CIFAR_PER_CLASS_PER_BATCH
+    dm = CIFAR10DataModule(root=str(root), download=False, val_fraction=0.2, **SMALL)
+    with pytest.warns(UserWarning, match=f"2 batch file.*{2 * per_file} images left out"):
         dm.setup("fit")
+    assert len(dm.train_set) + len(dm.val_set) == N_TRAIN - 2 * per_file
+    raw = CIFAR10(str(cifar10_patched.root), train=True)  # the three batches kept, in order
+    kept = np.concatenate([raw.data[i * per_file : (i + 1) * per_file] for i in (0, 1, 3)])
+    assert torch.equal(dm.load_images().items[:len(kept)], torch.from_numpy(kept).permute(0, 3, 1, 2))
+    rows = (folder / "skipped.csv").read_text().splitlines()
+    assert rows == ["path,reason", f"{folder / 'data_batch_3'},corrupted (md5 mismatch)",
+                    f"{folder / 'data_batch_5'},missing"]  # fmt: skip
+    for name in ("data_batch_3", "data_batch_5"):  # fixed by hand: no stale report is left
+        shutil.copy(cifar10_patched.root / "cifar-10-batches-py" / name, folder / name)
+    CIFAR10DataModule(root=str(root), download=False, **SMALL).setup("fit")
+    assert not (folder / "skipped.csv").exists()
+
+
+def test_every_training_batch_broken_is_a_data_error(cifar10_patched, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(cifar10_patched.root, root)
+    for i in range(1, 6):
+        _break(root / "cifar-10-batches-py" / f"data_batch_{i}")
+    dm = CIFAR10DataModule(root=str(root), download=False, **SMALL)
+    with pytest.raises(DataError, match="every CIFAR-10 training batch file.*data_batch_1"):
+        dm.setup("fit")
+
+
+def test_a_broken_test_batch_leaves_training_alone_and_test_says_why(cifar10_patched, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(cifar10_patched.root, root)
+    _break(root / "cifar-10-batches-py" / "test_batch")
+    dm = CIFAR10DataModule(root=str(root), download=False, **SMALL)
+    with pytest.warns(UserWarning, match="test_batch"):
+        dm.setup("fit")
+    assert len(dm.train_set) + len(dm.val_set) == N_TRAIN
+    with pytest.raises(DataError, match="test_batch was skipped"):
+        dm.setup("test")
+
+
+def test_download_true_repairs_a_broken_batch_from_the_kept_archive(cifar10_patched, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(cifar10_patched.root, root)
+    shutil.copy(cifar10_patched.archive, root)  # the archive stays next to the data
+    _break(root / "cifar-10-batches-py" / "data_batch_2")
+    with pytest.warns(UserWarning, match="data_batch_2"):
+        CIFAR10DataModule(root=str(root), download=False, **SMALL).setup("fit")
+    assert (root / "cifar-10-batches-py" / "skipped.csv").is_file()
+    dm = CIFAR10DataModule(root=str(root), **SMALL)  # download: true; the URL is unreachable
+    dm.prepare_data()
+    dm.setup("fit")
+    assert len(dm.train_set) + len(dm.val_set) == N_TRAIN  # put back, nothing lost
+    (root / "cifar-10-python.tar.gz").unlink()
+    _break(root / "cifar-10-batches-py" / "data_batch_2")
+    dm = CIFAR10DataModule(root=str(root), **SMALL)
+    dm.prepare_data()  # no archive: no download over a partly good folder, skip and report
+    with pytest.warns(UserWarning, match="data_batch_2"):
+        dm.setup("fit")
+    assert len(dm.train_set) + len(dm.val_set) == N_TRAIN - 10 * CIFAR_PER_CLASS_PER_BATCH
 
 
 @pytest.mark.parametrize("config", ["feature_extraction_resnet50.yaml", "finetune_resnet50.yaml"])

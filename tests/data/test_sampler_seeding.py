@@ -83,3 +83,46 @@ def test_trainer_sees_a_new_order_every_epoch_and_the_same_run_twice(tmp_path):
     assert first == second
     assert all(sorted(order) == list(range(12)) for order in first.values())
     assert len({tuple(o) for o in first.values()}) == 3
+
+
+class _FixedOrder(torch.utils.data.Sampler):
+    """The same order every epoch: only the epoch number may change a batch transform's draw."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.epoch = n, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(range(self.n))
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def test_batch_transform_draws_from_a_stream_of_seed_epoch_and_batch_index():
+    import numpy as np
+
+    def draws(epoch: int, seed: int = 3, skip: int = 0, workers: int = 0) -> list[float]:
+        loader = ResumableDataLoader(
+            list(range(8)), batch_size=2, sampler=_FixedOrder(8), seed=seed, num_workers=workers,
+            batch_transform=lambda batch: torch.rand(()).item(),  # one draw per batch
+        )  # fmt: skip
+        loader.load_state_dict({"epoch": epoch, "batches": skip})
+        torch.manual_seed(100 + workers)  # the caller's stream must not matter...
+        got = list(loader)
+        after = torch.rand(()).item()
+        torch.manual_seed(100 + workers)
+        assert after == torch.rand(()).item()  # ...nor be moved
+        return got
+
+    def expected(seed: int, epoch: int, batch: int) -> float:
+        # numpy's SeedSequence of (seed, epoch, batch, stream 1), top 63 bits of its first word
+        word = np.random.SeedSequence([seed, epoch, batch, 1]).generate_state(2, np.uint64)[0]
+        return torch.rand((), generator=torch.Generator().manual_seed(int(word >> 1))).item()
+
+    assert draws(1) == [expected(3, 1, b) for b in range(4)]
+    assert draws(1, workers=2) == draws(1)
+    assert draws(1, skip=2) == draws(1)[2:]  # resumed after 2 batches: the same later draws
+    assert draws(2) == [expected(3, 2, b) for b in range(4)] != draws(1)

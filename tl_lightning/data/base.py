@@ -10,14 +10,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset
 
 from tl_lightning.backbones import DataConfig, resolve_data_config
 from tl_lightning.config_checks import check_model_and_data
 from tl_lightning.data.decode import (
     SKIP_LOG_NAME,
     SkipFailedDataLoader,
-    is_failed,
     skip_failed_collate,
 )
 from tl_lightning.data.resumable_sampler import ResumableDataLoader, ResumableRandomSampler
@@ -42,15 +41,14 @@ class ResumableSkipFailedDataLoader(SkipFailedDataLoader, ResumableDataLoader):
     """
 
 
-class MixCollate:
-    """Collate the samples that loaded, then MixUp/CutMix the batch (a class: workers pickle it)."""
+class MixBatch:
+    """MixUp/CutMix a collated ``(images, labels)`` batch (the train loader seeds each call)."""
 
     def __init__(self, mixer):
         self.mixer = mixer
 
-    def __call__(self, samples):
-        good = [s for s in samples if not is_failed(s)]
-        return self.mixer(*default_collate(good)) if good else []
+    def __call__(self, batch):
+        return self.mixer(*batch)
 
 
 def skip_log_path(trainer) -> Path | None:
@@ -285,8 +283,8 @@ class ImageDataModule(LightningDataModule):
     def _train_loader(self, name: str = "train", **kwargs) -> DataLoader:
         """The training loader of ``train_set`` (its skipped images logged as ``name``)."""
         mixer = batch_mixer(self.hparams.mixup_alpha, self.hparams.cutmix_alpha, self.num_classes)
-        if mixer:
-            kwargs["collate_fn"] = MixCollate(mixer)
+        if mixer:  # mixed in the main process per (seed, epoch, batch index): see ResumableDataLoader
+            kwargs["batch_transform"] = MixBatch(mixer)
         if self.train_set is not None:
             weights = None
             if self.hparams.sampler == "weighted":

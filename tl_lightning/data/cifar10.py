@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import csv
+import pickle
 from pathlib import Path
 
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from tl_lightning.data.base import ImageDataModule
 from tl_lightning.data.download import check_file, download_url, extract_archive
+from tl_lightning.data.scan import SKIPPED
 from tl_lightning.data.source import ImageSource, LabelledImages
 from tl_lightning.data.split import carve_val
 from tl_lightning.errors import DataError
+from tl_lightning.file_io import atomic_write_text
 
 CIFAR10_CLASSES = [
     "airplane",
@@ -43,11 +47,40 @@ def cifar10_ready(root: str | Path) -> bool:
     return all(check_file(folder / name, md5, "md5") for name, md5 in files)
 
 
+def _batch_files(root: Path) -> tuple[dict[str, list[Path]], list[tuple[str, str]]]:
+    """Per split the batch files that match torchvision's md5; ``(path, reason)`` for the others."""
+    cls = _dataset_class()
+    folder = root / cls.base_folder
+    good: dict[str, list[Path]] = {"train": [], "test": []}
+    broken: list[tuple[str, str]] = []
+    for split, files in (("train", cls.train_list), ("test", cls.test_list)):
+        for name, md5 in files:
+            path = folder / name
+            if check_file(path, md5, "md5"):
+                good[split].append(path)
+            else:
+                broken.append((str(path), "corrupted (md5 mismatch)" if path.exists() else "missing"))
+    return good, broken
+
+
+def _meta_ok(root: Path) -> bool:
+    cls = _dataset_class()
+    return check_file(root / cls.base_folder / cls.meta["filename"], cls.meta["md5"], "md5")
+
+
 def download_cifar10(root: str | Path) -> None:
-    """Fetch and unpack the CIFAR-10 python archive into ``root`` (verified md5, safe extraction)."""
+    """Fetch and unpack the CIFAR-10 python archive into ``root`` (verified md5, safe extraction).
+
+    A batch file that broke after an earlier download is put back from the archive when the
+    archive is still next to it; without the archive nothing is fetched again and
+    :func:`load_cifar10` skips and reports the broken file (delete the folder to download afresh).
+    """
     cls, root = _dataset_class(), Path(root)
     if cifar10_ready(root):
         return
+    archive_there = check_file(root / cls.filename, cls.tgz_md5, "md5")
+    if not archive_there and _meta_ok(root) and _batch_files(root)[0]["train"]:
+        return  # downloaded before and partly broken since: load_cifar10 skips and reports
     archive = download_url(cls.url, root / cls.filename, cls.tgz_md5, "md5")
     extract_archive(archive, root)
     if not cifar10_ready(root):
@@ -57,37 +90,84 @@ def download_cifar10(root: str | Path) -> None:
         )
 
 
+def _read_pickle(path: Path) -> dict:
+    # only files whose md5 matches torchvision's list of the official files get here
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="latin1")
+
+
+def _report_skipped(folder: Path, broken: list[tuple[str, str]], per_file: int, kept: int) -> None:
+    """Warn loudly and write ``skipped.csv`` (path, reason) next to the batch files."""
+    report = folder / SKIPPED
+
+    def rows(f):
+        writer = csv.writer(f)
+        writer.writerow(["path", "reason"])
+        writer.writerows(broken)
+
+    try:
+        atomic_write_text(report, rows, "CIFAR-10 skip report")
+    except OSError as exc:  # a read-only data folder: the warning below still says it all
+        report = f"(not written: {exc})"
+    names = ", ".join(f"{Path(p).name} ({reason})" for p, reason in broken)
+    rank_zero_warn(
+        f"CIFAR-10: {len(broken)} batch file(s) under {folder} skipped: {names}. "
+        f"{len(broken) * per_file:,} images left out, {kept:,} kept; reasons in {report}. "
+        f"To get them back delete {folder} and run with download: true"
+    )
+
+
 def load_cifar10(
     root: str | Path, classes: list[str] | None = None, download: bool = False
 ) -> LabelledImages:
     """CIFAR-10's 60,000 images under ``root`` with official ``train``/``test`` splits.
 
     ``classes`` keeps only these, relabelled 0..k-1 in the order given. Batch files are
-    md5-checked first; a missing or corrupted one is an error that says how to fix it.
+    md5-checked first: a missing or corrupted ``batches.meta`` is an error that says how to fix
+    it; a missing or corrupted batch file (10,000 images) is skipped with a warning and a line in
+    ``skipped.csv`` next to the batch files; when no training batch is left it is a
+    :class:`~tl_lightning.errors.DataError`.
     """
     root = Path(root)
-    if not cifar10_ready(root):
+    folder = root / _dataset_class().base_folder
+    if not _meta_ok(root):
         hint = "call prepare_data() first (the Trainer does)" if download else "set download: true"
         raise FileNotFoundError(
-            f"CIFAR-10 not found (or corrupted) under '{root / _dataset_class().base_folder}'; "
+            f"CIFAR-10 not found (or corrupted) under '{folder}'; "
             f"{hint}, or point root at the folder holding cifar-10-batches-py"
+        )
+    meta = _read_pickle(folder / _dataset_class().meta["filename"])
+    if list(meta["label_names"]) != CIFAR10_CLASSES:
+        raise DataError(
+            f"batches.meta under {root} lists classes {meta['label_names']}, expected {CIFAR10_CLASSES}"
+        )
+    good, broken = _batch_files(root)
+    if not good["train"]:
+        raise DataError(
+            f"every CIFAR-10 training batch file under '{folder}' is missing or corrupted "
+            f"({', '.join(Path(p).name for p, _ in broken)}); delete {folder} and run with "
+            f"download: true"
         )
     keep_names = list(classes) if classes else list(CIFAR10_CLASSES)
     relabel = np.full(len(CIFAR10_CLASSES), -1)
     relabel[[CIFAR10_CLASSES.index(c) for c in keep_names]] = np.arange(len(keep_names))
-    images, labels, splits, start = [], [], {}, 0
+    images, labels, splits, start, total = [], [], {}, 0, 0
     for split in ("train", "test"):
-        ds = _dataset_class()(str(root), train=split == "train", download=False)
-        if list(ds.classes) != CIFAR10_CLASSES:
-            raise DataError(
-                f"batches.meta under {root} lists classes {ds.classes}, expected {CIFAR10_CLASSES}"
-            )
-        targets = relabel[np.asarray(ds.targets, dtype=np.int64)]
+        entries = [_read_pickle(path) for path in good[split]]
+        data = [np.asarray(e["data"], dtype=np.uint8).reshape(-1, 3, 32, 32) for e in entries]
+        data = np.concatenate(data) if data else np.zeros((0, 3, 32, 32), np.uint8)
+        targets = np.asarray([t for e in entries for t in e["labels"]], dtype=np.int64)
+        total += len(targets)
+        targets = relabel[targets]
         keep = targets >= 0
-        images.append(torch.from_numpy(ds.data[keep]).permute(0, 3, 1, 2).contiguous())
+        images.append(torch.from_numpy(data[keep]))
         labels.append(targets[keep])
         splits[split] = np.arange(start, start + int(keep.sum()))
         start += int(keep.sum())
+    if broken:
+        _report_skipped(folder, broken, int(meta.get("num_cases_per_batch", 10000)), total)
+    else:
+        (folder / SKIPPED).unlink(missing_ok=True)  # repaired: an old report would mislead
     return LabelledImages(
         torch.cat(images), np.concatenate(labels), keep_names, splits, whole_image=True
     )
@@ -214,4 +294,10 @@ class CIFAR10DataModule(ImageDataModule):
             self.train_set = data.dataset(self._split("train"), train_tf)
             self.val_set = data.dataset(self._split("val"), eval_tf)
         if stage in (None, "test"):
-            self.test_set = data.dataset(self._split("test"), eval_tf)
+            test = self._split("test")
+            if stage == "test" and not len(test):
+                raise DataError(
+                    f"no CIFAR-10 test images under '{self.root}': test_batch was skipped (see "
+                    f"the warning and skipped.csv); delete cifar-10-batches-py and download again"
+                )
+            self.test_set = data.dataset(test, eval_tf)

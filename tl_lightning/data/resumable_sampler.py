@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from tl_lightning.data.seeded_samples import BATCH_STREAM, sample_seed, seeded_call
+
 
 class ResumableRandomSampler(Sampler[int]):
     """A shuffled (or class-weighted) order that depends only on ``seed`` and the epoch.
@@ -105,6 +107,11 @@ class ResumableDataLoader(DataLoader):
     ``generator`` so creating an iterator never draws from the global RNG (the model's dropout
     stream stays identical between an interrupted and an uninterrupted run).
 
+    ``batch_transform`` (MixUp/CutMix) runs on each collated batch in this (the main) process,
+    drawing from a stream seeded by ``(seed, epoch, batch index in the epoch)``: the same batch
+    gets the same mix whatever ``num_workers`` is, and after a resume (a worker's own stream
+    would depend on which worker collated it).
+
     Example:
         >>> loader = ResumableDataLoader(list(range(10)), batch_size=2,
         ...                              sampler=ResumableRandomSampler(10, seed=0))
@@ -113,10 +120,13 @@ class ResumableDataLoader(DataLoader):
         2
     """
 
-    def __init__(self, *args: Any, seed: int = 0, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, seed: int = 0, batch_transform: Any = None, **kwargs: Any
+    ) -> None:
         if kwargs.get("generator") is None:
             kwargs["generator"] = torch.Generator().manual_seed(seed)
         super().__init__(*args, **kwargs)
+        self.seed, self.batch_transform = seed, batch_transform
         self._yielded = 0
         self._skip = 0
         self._skip_now = 0
@@ -145,7 +155,11 @@ class ResumableDataLoader(DataLoader):
 
     def _counting(self, iterator: Iterator[Any]) -> Iterator[Any]:
         for batch in iterator:
-            self._yielded += 1
+            index, self._yielded = self._yielded, self._yielded + 1
+            if self.batch_transform is not None and not (isinstance(batch, list) and not batch):
+                epoch = int(getattr(self._epoch_sampler, "epoch", 0))
+                seed = sample_seed(self.seed, epoch, index, BATCH_STREAM)
+                batch = seeded_call(seed, self.batch_transform, batch)
             yield batch
 
     def state_dict(self) -> dict[str, int]:

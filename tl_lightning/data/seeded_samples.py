@@ -1,10 +1,12 @@
-"""Augmentation randomness that is a function of (seed, epoch, sample index) alone.
+"""Augmentation randomness that is a function of (seed, epoch, sample or batch index) alone.
 
 Random transforms draw from the global torch RNG of whichever process loads the sample: the main
 process with ``num_workers=0``, a worker otherwise (seeded per worker). The same sample then gets
 another crop for another ``num_workers``, and after a resume. Here each sample is loaded inside
 its own RNG stream seeded from ``(seed, epoch, index)``: identical augmentations whatever the
 number of workers, in the resumed run too, and the main process's stream (dropout) is untouched.
+Batch-level draws (MixUp/CutMix) get the same treatment per ``(seed, epoch, batch index)`` in
+:class:`~tl_lightning.data.resumable_sampler.ResumableDataLoader`.
 """
 
 from __future__ import annotations
@@ -16,9 +18,25 @@ import torch
 from torch.utils.data import Dataset
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A well-mixed 63-bit seed for one sample of one epoch (numpy's SeedSequence hash)."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(2, np.uint64)[0] >> 1)
+def sample_seed(seed: int, epoch: int, index: int, stream: int = 0) -> int:
+    """A well-mixed 63-bit seed for one sample of one epoch (numpy's SeedSequence hash).
+
+    ``stream`` separates uses that share ``(seed, epoch, index)``: 0 for a sample's augmentation,
+    1 for a batch's MixUp/CutMix draw (batch ``index`` of the epoch).
+    """
+    entropy = [seed, epoch, index] if stream == 0 else [seed, epoch, index, stream]
+    return int(np.random.SeedSequence(entropy).generate_state(2, np.uint64)[0] >> 1)
+
+
+BATCH_STREAM = 1  # sample_seed's stream for per-batch draws (MixUp/CutMix)
+
+
+def seeded_call(seed: int, function: Any, *args: Any) -> Any:
+    """``function(*args)`` drawing from a torch RNG stream seeded with ``seed``; the caller's
+    stream is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return function(*args)
 
 
 class SeededSamples(Dataset):
@@ -45,6 +63,4 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         epoch, index = key
-        with torch.random.fork_rng(devices=[]):  # the caller's stream is restored afterwards
-            torch.manual_seed(sample_seed(self.seed, epoch, index))
-            return self.dataset[index]
+        return seeded_call(sample_seed(self.seed, epoch, index), self.dataset.__getitem__, index)

@@ -90,8 +90,9 @@ class TransferModule(LightningModule):
             mean.reset()
 
     def on_train_start(self) -> None:
-        # schedulers read estimated_stepping_batches, which builds the train loader before the
-        # checkpoint restore: load its saved position now (see tl_lightning/resume.py)
+        # the loader may have been built before the checkpoint restore (schedulers read
+        # estimated_stepping_batches), or saved at an epoch's end: put it where the resumed
+        # run's first batch is (see tl_lightning/resume.py)
         restore_train_loader_state(self.trainer)
 
     def configure_optimizers(self) -> Any:

@@ -150,6 +150,7 @@ class FeatureExtractionModule(ClassifierModule):
         return features, torch.from_numpy(np.array(dataset.labels)).to(device)
 
     def on_train_start(self) -> None:
+        super().on_train_start()  # the train loader's resume position (tl_lightning/resume.py)
         if self.hparams.probe != "lbfgs":
             return
         train_x, train_y = self._split_tensors("train_set")
