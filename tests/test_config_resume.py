@@ -144,8 +144,9 @@ def point_at_fake_data(config: dict, kind: str | None, request) -> dict:
             roots[part] = value if isinstance(value, Path) else value.root
     data = config["data"]["init_args"]
     if kind == "pets+cifar":  # DANN: Cats-vs-Dogs -> CIFAR-10 cat/dog, loaded in this process
+        data["num_workers"] = 0
         for side, part in (("source", "pets"), ("target", "cifar")):
-            data[side]["init_args"].update(root=str(roots[part]), num_workers=0)
+            data[side]["init_args"]["root"] = str(roots[part])
     elif kind:
         data["root"] = str(roots[kind])
     return config
