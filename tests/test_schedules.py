@@ -63,6 +63,22 @@ def test_one_cycle_peaks_at_each_groups_own_lr():
     assert seen[0] == pytest.approx([1e-2 / 25, 1e-4 / 25])
 
 
+@pytest.mark.parametrize("total", range(1, 11))
+def test_one_cycle_runs_any_short_length_and_peaks_once_there_is_room(total):
+    # a 1-10 step run (a smoke test, a tiny split) steps to its end like any other
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    schedule = OneCycleLR(opt, total_steps=total)
+    lrs = [opt.param_groups[0]["lr"]]
+    for _ in range(total):
+        opt.step()
+        schedule.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert all(math.isfinite(lr) for lr in lrs)
+    if total >= 4:  # room for both phases: up to the peak lr, then down below the start
+        assert max(lrs) == pytest.approx(0.1, rel=0.05) and lrs.index(max(lrs)) > 0
+        assert lrs[total - 1] < lrs[0]
+
+
 def test_make_optimizer_scales_groups_from_the_optimizers_own_lr():
     a, b, c = (torch.nn.Parameter(torch.zeros(1)) for _ in range(3))
     groups = [

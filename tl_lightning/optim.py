@@ -115,8 +115,10 @@ class OneCycleLR(_LengthOfThisRun, torch.optim.lr_scheduler.OneCycleLR):
     def __init__(self, optimizer: Optimizer, total_steps: int | None = None, max_lr: float | list[float] | None = None, pct_start: float = 0.25, **kwargs):
         if max_lr is None:
             max_lr = [g["lr"] for g in optimizer.param_groups]
-        if total_steps:  # very short runs (smoke tests): each phase needs at least one step
+        if total_steps and total_steps >= 4:  # short runs (smoke tests): each phase gets a step
             pct_start = min(0.5, max(pct_start, 2.0 / total_steps))
+        # (under 4 steps torch's own phases are left as they are: forcing 0.5 on 2 steps would
+        # end the warm-up at step 0, a zero-length phase that torch divides by)
         super().__init__(optimizer, max_lr=max_lr, total_steps=total_steps, pct_start=pct_start, **kwargs)
 
     def _length_state(self) -> dict:
