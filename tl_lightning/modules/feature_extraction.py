@@ -205,6 +205,10 @@ class FeatureExtractionModule(ClassifierModule):
         if self.hparams.probe == "lbfgs":
             if batch_idx == 0:
                 self.optimizers().step()  # no gradients: a no-op that counts the solve as step 1
+                # stop now: Lightning validates (and checkpoints) after this batch and ends the
+                # epoch, instead of reading every other batch (each sample through the seeded
+                # loader, ~4 ms apiece on a CPU) for steps that would change nothing
+                self.trainer.should_stop = True
             return None  # solved in on_train_start; this epoch only validates and checkpoints
         return super().training_step(batch, batch_idx)
 
