@@ -136,3 +136,24 @@ def test_warm_start_from_the_solution_stays_there():
     )
     torch.testing.assert_close(again_w, w, atol=1e-4, rtol=0)
     torch.testing.assert_close(again_b, b, atol=1e-4, rtol=0)
+
+
+def test_an_autocast_region_does_not_change_the_fit_or_the_choice():
+    # a Trainer's bf16 forward or a user's notebook may call the probe inside autocast, where a
+    # float32 matmul would run in bf16; the fit must be the float32 one all the same
+    x_all, y_all = _blobs(n_per_class=60, spread=2.0, seed=2)
+    x, y, xv, yv = x_all[::2], y_all[::2], x_all[1::2], y_all[1::2]
+    # far from the origin, where bf16's 8-bit mantissa rounds features to steps of 2-4: scoring
+    # validation there under autocast would garble the logits (fitting centres, so it would not)
+    x, xv = x.float() + 500, xv.float() + 500
+    grid = [1e-1, 1e-3]
+    plain = sweep_logistic_regression(x, y, xv, yv, num_classes=3, grid=grid, tol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = sweep_logistic_regression(x, y, xv, yv, num_classes=3, grid=grid, tol=1e-6)
+    torch.testing.assert_close(auto.weight, plain.weight)
+    torch.testing.assert_close(auto.bias, plain.bias)
+    assert auto.curve == plain.curve and auto.l2 == plain.l2
+    # independent: the chosen head scored by hand in float64
+    manual = (xv.double() @ plain.weight.double().T + plain.bias.double()).argmax(1) == yv
+    assert plain.val_acc == pytest.approx(manual.double().mean().item()) and plain.val_acc > 0.8
+    assert auto.weight.dtype == torch.float32

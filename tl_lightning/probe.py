@@ -83,7 +83,13 @@ def fit_logistic_regression(
     # time of float64); logits, loss, gradients and the L-BFGS state are float64, because a float32
     # loss stops resolving changes while the gradient is still ~1e-4 and L-BFGS halts short of the
     # optimum. Gradients are written by hand: no autograd graph, and no inference-tensor trouble.
-    with torch.inference_mode(False), torch.no_grad():
+    # Autocast off: called inside a bf16/fp16 autocast region (a Trainer's forward, a user's
+    # notebook) the products would run in 8 bits of mantissa and stop far from the optimum.
+    with (
+        torch.inference_mode(False),
+        torch.no_grad(),
+        torch.autocast(features.device.type, enabled=False),
+    ):
         gemm = torch.float64 if features.dtype == torch.float64 else torch.float32
         x64 = features.detach().to(torch.float64)
         # centring is an exact reparameterisation (the bias is unregularised: b' = b + W mu) that
@@ -128,7 +134,7 @@ def fit_logistic_regression(
 
 
 def _accuracy(features: Tensor, labels: Tensor, weight: Tensor, bias: Tensor) -> float:
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
         logits = features.to(weight.device, weight.dtype) @ weight.T + bias
         return (logits.argmax(1) == labels.to(weight.device)).float().mean().item()
 

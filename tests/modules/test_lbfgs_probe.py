@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from tests.helpers import TINY, quick_trainer, tiny_digits
@@ -37,6 +37,7 @@ def fitted(tmp_path_factory):
     )
     dm = tiny_digits()
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/acc", mode="max")
+    counter = _BatchCounter()
     trainer = quick_trainer(
         tmp_path,
         max_epochs=5,
@@ -44,10 +45,27 @@ def fitted(tmp_path_factory):
         limit_val_batches=None,
         logger=TensorBoardLogger(tmp_path / "tb", name="probe"),
         enable_checkpointing=True,
-        callbacks=[checkpoint],
+        callbacks=[checkpoint, counter],
     )
     trainer.fit(model, dm)
+    model.batches_started = counter.started  # for the test below
     return model, dm, trainer, checkpoint
+
+
+class _BatchCounter(Callback):
+    def __init__(self):
+        self.started = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.started += 1
+
+
+def test_the_solved_epoch_runs_one_batch_not_the_whole_train_set(fitted):
+    model, _, trainer, checkpoint = fitted
+    assert trainer.num_training_batches >= 10  # enough batches for the difference to show
+    # batch 0 records the solve as the optimizer step, then the epoch validates and ends
+    assert model.batches_started == 1
+    assert trainer.global_step == 1 and checkpoint.best_model_path  # validated and checkpointed
 
 
 def test_head_is_the_validation_best_lbfgs_fit_and_training_stops(fitted):
