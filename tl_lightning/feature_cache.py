@@ -43,6 +43,8 @@ def default_cache_dir() -> Path:
 class FeatureDataset(Dataset):
     """``(features[i], labels[i])`` read from a memory-mapped cache."""
 
+    deterministic = True  # no random draws: SeededSamples reads it without per-sample RNG streams
+
     def __init__(self, folder: Path):
         self.features = np.load(folder / "features.npy", mmap_mode="r")
         self.labels = np.load(folder / "labels.npy")

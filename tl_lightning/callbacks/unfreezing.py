@@ -642,6 +642,11 @@ class FrozenPhaseDataset(Dataset):
             self.features if self.features is not None and bool(self.use_features) else self.images
         )
 
+    @property
+    def deterministic(self) -> bool:
+        """True while cached features are served (no augmentation draws to seed)."""
+        return bool(getattr(self._source(), "deterministic", False))
+
     def __getitem__(self, index: int):
         return self._source()[index]
 

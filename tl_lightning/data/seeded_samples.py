@@ -64,3 +64,14 @@ class SeededSamples(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> Any:
         epoch, index = key
         return seeded_call(sample_seed(self.seed, epoch, index), self.dataset.__getitem__, index)
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list:
+        """A batch; one read and no RNG forks when the dataset draws nothing (cached features).
+
+        Forking the RNG costs ~0.2 ms a sample, as much as a whole cached-feature step.
+        """
+        if getattr(self.dataset, "deterministic", False):
+            indices = [index for _, index in keys]
+            many = getattr(self.dataset, "__getitems__", None)
+            return many(indices) if many else [self.dataset[i] for i in indices]
+        return [self[key] for key in keys]
