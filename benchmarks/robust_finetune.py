@@ -220,7 +220,8 @@ def main() -> None:
         results = {}
         for path in args.from_json:
             with open(path) as f:
-                results.update({int(s): r for s, r in json.load(f).items()})
+                for s, r in json.load(f).items():  # files may hold different rows of one seed
+                    results.setdefault(int(s), {}).update(r)
         report(results, args)
         return
     lite0 = FineTuneModule(num_classes=10).backbone.data_config
