@@ -221,7 +221,7 @@ def main() -> None:
         for path in args.from_json:
             with open(path) as f:
                 for s, r in json.load(f).items():  # files may hold different rows of one seed
-                    results.setdefault(int(s), {}).update(r)
+                    merge(results.setdefault(int(s), {}), r)
         report(results, args)
         return
     lite0 = FineTuneModule(num_classes=10).backbone.data_config
@@ -237,6 +237,32 @@ def main() -> None:
     for seed in args.seeds:
         results[seed] = run_seed(seed, args, reference, save)
     report(results, args)
+
+
+def merge(rows: dict, new: dict) -> None:
+    """Add one file's rows of a seed; a method's grid run in pieces (one value per process) is chosen again.
+
+    Two runs of a method with a choice (e.g. LP-FT at lr 1e-3 and at 1e-4, run in parallel) are
+    merged by the same rule on their ID val accuracies; the winner's rows (LP-FT, and with it LP
+    and WiSE-FT) are kept and the selection lists every candidate.
+    """
+    for name, row in new.items():
+        if name not in rows:
+            rows[name] = row
+            continue
+        sel, old = row.get("selection"), rows[name].get("selection")
+        if not (sel and old and sel["key"] == old["key"]):
+            continue  # LP and WiSE-FT follow their LP-FT run (below); otherwise the first file wins
+        candidates = old["candidates"] + sel["candidates"]
+        chosen = choose(candidates, sel["rule"])
+        if chosen not in old["candidates"]:  # the new run wins: its rows replace the old ones
+            suffix = name.removeprefix("LP-FT")
+            for derived in ["LP" + suffix, "WiSE-FT" + suffix] if name.startswith("LP-FT") else []:
+                if derived in new:
+                    rows[derived] = new[derived]
+            rows[name] = row
+        rows[name]["selection"] = {**sel, "chosen": chosen["value"], "candidates": candidates,
+                                   "seconds": old["seconds"] + sel["seconds"]}
 
 
 def report(results: dict[int, dict], args) -> None:
