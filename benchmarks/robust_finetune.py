@@ -378,11 +378,11 @@ def plot(results, seeds, rows, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for row in rows:
+    for i, row in enumerate(rows):
         for ax, key in zip(axes, ("id", "ood")):
             xs = [results[s][row]["source_agreement"] for s in seeds]
             ys = [results[s][row][key] for s in seeds]
-            ax.scatter(xs, ys, label=row)
+            ax.scatter(xs, ys, label=row, marker="o^sxDv+*"[i % 8], s=45)  # markers: coinciding rows stay visible
     for ax, title in zip(axes, ("ID (digits test) accuracy", "OOD (digits-M) accuracy")):
         ax.set_xlabel("source (ImageNet) agreement with the start")
         ax.set_ylabel(title)
