@@ -51,6 +51,7 @@ class FineTuneModule(ClassifierModule):
             weights still train). Re-estimating them on the target data alone erases the source task:
             4 batches of digits through EfficientNet-Lite0 in train mode, no weight changed, drop
             source agreement from 1.0 to 0.22; L2-SP and LwF act on weights and outputs, not on them.
+            The robust configs of L2-SP, LwF, LP-FT and WiSE-FT set it (README, Forgetting).
 
     ``train/loss`` stays the task loss (comparable across methods); with a regulariser on,
     ``train/total_loss`` is what the optimizer minimises. The starting point (backbone, head,
