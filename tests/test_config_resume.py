@@ -115,6 +115,12 @@ class SnapshotAt(Callback):
         if trainer.global_step == self.step and not os.path.exists(self.folder):
             shutil.copytree(trainer.checkpoint_callback.dirpath, self.folder)
 
+    def on_validation_start(self, trainer, pl_module) -> None:
+        # a run that stops mid-epoch (the L-BFGS probe after its one solve step) has no next
+        # batch: it is killed in its final validation, after the step's checkpoint
+        if trainer.should_stop:
+            self.on_train_batch_start(trainer, pl_module, None, None)
+
 
 def shrink_callbacks(config: dict) -> dict:
     """The robust configs' callbacks at tiny sizes (same callbacks, fewer reference images)."""
