@@ -33,7 +33,7 @@ def test_loss_uses_label_smoothing_weights_and_soft_targets():
 
 
 def test_balanced_class_weights_come_from_the_datamodule(tmp_path):
-    model = FeatureExtractionModule(num_classes=10, class_weights="balanced", **TINY)
+    model = FineTuneModule(num_classes=10, class_weights="balanced", **TINY)  # no feature caching pass: seconds
     dm = tiny_digits()
     quick_trainer(tmp_path, limit_train_batches=1, limit_val_batches=1).fit(model, dm)
     assert model.class_weight.tolist() == pytest.approx(balanced_class_weights(dm.class_counts()).tolist())
