@@ -56,3 +56,20 @@ def test_a_dataset_that_draws_nothing_is_read_once_per_batch():
     loader = torch.utils.data.DataLoader(data, batch_size=2, sampler=[(0, 0), (0, 1), (0, 2)])
     assert [b.tolist() for b in loader] == [[0, 10], [20]]
     assert cached.batched_reads == 3
+
+
+def test_cached_features_say_they_draw_nothing_and_the_frozen_phase_only_while_serving_them(tmp_path):
+    import numpy as np
+
+    from tl_lightning.callbacks.unfreezing import FrozenPhaseDataset
+    from tl_lightning.feature_cache import FeatureDataset
+
+    np.save(tmp_path / "features.npy", np.zeros((3, 2), np.float32))
+    np.save(tmp_path / "labels.npy", np.zeros(3, np.int64))
+    features = FeatureDataset(tmp_path)
+    assert features.deterministic
+    frozen = FrozenPhaseDataset(Noisy(), "train_set")
+    frozen.features = features
+    assert not frozen.deterministic  # images: augmentation draws, seeded per sample
+    frozen.use_features.fill_(True)
+    assert frozen.deterministic
