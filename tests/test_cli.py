@@ -41,6 +41,17 @@ def test_preprocessing_and_classes_are_linked(tmp_path, monkeypatch):
     assert cli.model.hparams.num_classes == 10 and cli.model.class_names == [str(i) for i in range(10)]
 
 
+def test_whole_batch_limits_are_counts_and_decimals_fractions(tmp_path, monkeypatch, capsys):
+    # Lightning 2.6's signature reads Union[float, int] at runtime, so "2" was parsed as 2.0
+    monkeypatch.chdir(tmp_path)
+    limits = ["--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=0.5", "--trainer.limit_predict_batches=1.0"]
+    printed = yaml.safe_load(print_config(["fit", "--config", str(ROOT / "configs/quickstart.yaml"), *limits], capsys))["trainer"]
+    assert [(printed[f"limit_{s}_batches"], type(printed[f"limit_{s}_batches"])) for s in ("train", "val", "test", "predict")] == [(2, int), (1, int), (0.5, float), (1.0, float)]
+    cli = run_cli(["fit", "--config", str(ROOT / "configs/quickstart.yaml"), *TINY, *limits, "--trainer.max_epochs=1", "--trainer.logger=false", "--checkpoint.dirpath=ckpt"])
+    assert cli.trainer.num_training_batches == 2 and cli.trainer.global_step == 2
+    assert cli.trainer.num_val_batches == [1]
+
+
 def test_fit_then_predict_a_folder_to_csv(tmp_path, monkeypatch):
     from PIL import Image
     from sklearn.datasets import load_digits

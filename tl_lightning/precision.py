@@ -83,6 +83,10 @@ class TLTrainer(Trainer):
     argument is Lightning's. ``tl-lightning`` uses this class, so configs may say ``precision: mixed``.
     ``sync_batchnorm=True`` on CPU is refused up front (PyTorch's SyncBatchNorm is GPU-only).
 
+    The ``limit_*_batches`` arguments are annotated int-first: Lightning 2.6's signature reads
+    ``Union[float, int, None]`` at runtime (typing's cache), so the CLI parsed ``5`` as ``5.0``,
+    a fraction, and ``limit_train_batches: 1`` ran the whole epoch instead of one batch.
+
     Example:
         >>> trainer = TLTrainer(accelerator="cpu", precision="mixed", logger=False)
         >>> trainer.precision in ("bf16-mixed", "32-true")
@@ -93,6 +97,10 @@ class TLTrainer(Trainer):
         self,
         *args,
         precision: _PRECISION_INPUT | Literal["mixed"] | None = None,
+        limit_train_batches: int | float | None = None,
+        limit_val_batches: int | float | None = None,
+        limit_test_batches: int | float | None = None,
+        limit_predict_batches: int | float | None = None,
         **kwargs,
     ):
         accelerator = kwargs.get("accelerator", "auto")
@@ -103,4 +111,12 @@ class TLTrainer(Trainer):
                 "PyTorch's SyncBatchNorm cannot run); set trainer.sync_batchnorm: false"
             )
         precision = resolve_precision(precision, accelerator)
-        super().__init__(*args, precision=precision, **kwargs)
+        super().__init__(
+            *args,
+            precision=precision,
+            limit_train_batches=limit_train_batches,
+            limit_val_batches=limit_val_batches,
+            limit_test_batches=limit_test_batches,
+            limit_predict_batches=limit_predict_batches,
+            **kwargs,
+        )
