@@ -101,10 +101,15 @@ class ClassificationDataModule(ImageDataModule):
         return self.load_images().labels[self.split_indices("train")]
 
     def setup(self, stage: str | None = None) -> None:
+        """Build the dataset of every split the source gives; the splits ``stage`` needs
+        (``fit``: train and val, ``test``: test, ``None``: all) are checked by the source first."""
         images = self.load_images()
         train_tf, eval_tf = self.transforms_for(images)
-        for split in _SETUP_SPLITS.get(stage, ()):
+        for split in ("train", "val", "test"):
             indices = self.split_indices(split)
-            self.source.check_split(split, indices)
+            if split in _SETUP_SPLITS.get(stage, ()):
+                self.source.check_split(split, indices)
+            elif not len(indices):
+                continue
             dataset = images.dataset(indices, train_tf if split == "train" else eval_tf)
             setattr(self, f"{split}_set", dataset)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from collections.abc import Callable
@@ -38,7 +39,7 @@ def _deprecated_dataset_source(dataset: str, root: str | None, download: bool | 
         raise ValueError(f"unknown few-shot dataset '{dataset}'; valid: {list(sources)}")
     source = sources[dataset]()
     config = source.config()
-    args = ", ".join(f"{k}: {v}" for k, v in config["init_args"].items())
+    args = ", ".join(f"{k}: {json.dumps(v)}" for k, v in config["init_args"].items())
     warnings.warn(
         f"FewShotDataModule: dataset='{dataset}' (with root/download) is deprecated and goes in "
         f"the next release; give the source instead, in YAML `source: {{class_path: "
