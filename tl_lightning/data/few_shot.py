@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 
 
 # --- deprecated (remove in the next release): the dataset name -> source switch -----------------
-def _deprecated_dataset_source(dataset: str, root: str | None, download: bool | None) -> ImageSource:
+def _deprecated_dataset_source(
+    dataset: str, root: str | None, download: bool | None
+) -> ImageSource:
     """The source an old ``dataset`` name stood for, with a FutureWarning naming its spelling."""
     root, download = "data" if root is None else root, bool(download)
     sources = {
