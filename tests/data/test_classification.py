@@ -154,3 +154,18 @@ def test_a_missing_test_split_is_the_sources_error(cifar10_patched, tmp_path):
     assert no_test.test_set is None
     with pytest.raises(ValueError, match="test_fraction is 0"):
         no_test.setup("test")
+
+
+def test_only_the_train_split_is_augmented(tmp_path):
+    root = make_folder(tmp_path / "imgs", {"a": 8, "b": 8})
+    source = ImageFolderSource(str(root), val_fraction=0.25, test_fraction=0.25)
+    dm = ClassificationDataModule(source, **{**TINY_DATA, "augment": "basic"})
+    dm.setup()
+
+    def ops(dataset) -> set[str]:
+        return {type(op).__name__ for op in dataset.transform.transforms}
+
+    random_ops = {"RandomResizedCrop", "RandomHorizontalFlip"}
+    assert random_ops <= ops(dm.train_set)
+    assert not random_ops & (ops(dm.val_set) | ops(dm.test_set))
+    assert "CenterCrop" in ops(dm.val_set) and "CenterCrop" in ops(dm.test_set)
