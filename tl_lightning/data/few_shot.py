@@ -48,8 +48,34 @@ def _deprecated_dataset_source(
         f"{config['class_path']}, init_args: {{{args}}}}}`, in Python "
         f"source={type(source).__name__}(...)",
         FutureWarning,
-        stacklevel=3,
+        stacklevel=4,
     )
+    return source
+
+
+def _resolve_source(
+    source: ImageSource | str | None, dataset: str | None, root: str | None, download: bool | None
+) -> ImageSource:
+    """``source`` (default: the digits), or the source a deprecated ``dataset`` name stands for
+    (also given as the first positional argument, as before)."""
+    if isinstance(source, str) and dataset is None:
+        source, dataset = None, source
+    if dataset is not None:
+        if source is not None:
+            raise ValueError("give either source or the deprecated dataset, not both")
+        return _deprecated_dataset_source(dataset, root, download)
+    if root is not None or download is not None:
+        raise ValueError(
+            "root and download only go with the deprecated dataset; set them in the source's "
+            "init_args (e.g. source: {class_path: tl_lightning.data.flowers102.Flowers102Source, "
+            "init_args: {root: data, download: true}})"
+        )
+    source = DigitsSource() if source is None else source
+    if not isinstance(source, ImageSource):
+        raise ValueError(
+            f"source must be an ImageSource such as tl_lightning.data.digits.DigitsSource "
+            f"(in YAML: class_path + init_args), got {type(source).__name__}"
+        )
     return source
 
 
@@ -128,25 +154,7 @@ class FewShotDataModule(ImageDataModule):
         eval_episodes_per_batch: int = 100,
         dataset: str | None = None,
     ):
-        if isinstance(source, str) and dataset is None:  # deprecated: FewShotDataModule("digits")
-            source, dataset = None, source
-        if dataset is not None:
-            if source is not None:
-                raise ValueError("give either source or the deprecated dataset, not both")
-            source_ = _deprecated_dataset_source(dataset, root, download)
-        elif root is not None or download is not None:
-            raise ValueError(
-                "root and download only go with the deprecated dataset; set them in the source's "
-                "init_args (e.g. source: {class_path: tl_lightning.data.flowers102.Flowers102Source, "
-                "init_args: {root: data, download: true}})"
-            )
-        else:
-            source_ = DigitsSource() if source is None else source
-        if not isinstance(source_, ImageSource):
-            raise ValueError(
-                f"source must be an ImageSource such as tl_lightning.data.digits.DigitsSource "
-                f"(in YAML: class_path + init_args), got {type(source_).__name__}"
-            )
+        resolved = _resolve_source(source, dataset, root, download)
         super().__init__(
             backbone=backbone,
             weights=weights,
@@ -160,7 +168,7 @@ class FewShotDataModule(ImageDataModule):
         self.save_hyperparameters()  # only this class's arguments (the base's batch_size etc. do not apply)
         if isinstance(source, ImageSource):  # plain values: hparams load with weights_only=True
             self.save_hyperparameters({**self.hparams, "source": source.config()})
-        self.source = source_
+        self.source = resolved
         self.way, self.shot, self.query = way, shot, query
         self.train_way = train_way or way
         self.train_shot = train_shot or shot
