@@ -53,14 +53,13 @@ def subset_datamodule(dataset: str, fraction: float, image_size: int, batch_size
     base = DigitsMDataModule if dataset == "digits_m" else DigitsDataModule
 
     class Subset(base):
-        def _prepare(self) -> None:
-            if self._parts is not None:
-                return
-            super()._prepare()
-            if fraction < 1:
-                train = self._parts[0]
-                keep, _ = stratified_split(self._labels[train], (fraction, 1 - fraction), seed=0)
-                self._parts[0] = np.sort(train[keep])
+        def split_indices(self, split: str) -> np.ndarray:
+            indices = super().split_indices(split)
+            if split != "train" or fraction >= 1:
+                return indices
+            labels = self.load_images().labels[indices]
+            keep, _ = stratified_split(labels, (fraction, 1 - fraction), seed=0)
+            return np.sort(indices[keep])
 
     kwargs = {"part": "all"} if dataset == "digits_m" else {}
     return Subset(image_size=image_size, batch_size=batch_size, seed=0, **kwargs)

@@ -29,6 +29,7 @@ import warnings
 import torch
 from lightning.pytorch import Trainer, seed_everything
 
+from tl_lightning.data.digits import DigitsSource
 from tl_lightning.data.episodes import EpisodicBatchSampler
 from tl_lightning.data.few_shot import FewShotDataModule
 from tl_lightning.modules.protonet import (
@@ -55,7 +56,7 @@ def datamodule(
 ) -> FewShotDataModule:
     """Test episodes are fixed by ``seed`` (0 for every test); a training seed changes its episodes."""
     dm = FewShotDataModule(
-        "digits",
+        DigitsSource(),
         backbone="efficientnet_lite0",
         image_size=64,
         way=5,

@@ -153,8 +153,8 @@ def point_at_fake_data(config: dict, kind: str | None, request) -> dict:
         data["num_workers"] = 0
         for side, part in (("source", "pets"), ("target", "cifar")):
             data[side]["init_args"]["root"] = str(roots[part])
-    elif kind:
-        data["root"] = str(roots[kind])
+    elif kind:  # a datamodule's root, or its source's (few-shot)
+        data.get("source", {}).get("init_args", data)["root"] = str(roots[kind])
     return config
 
 

@@ -29,6 +29,8 @@ _EXPORTS = {
     "DigitsSource": "tl_lightning.data",
     "CIFAR10Source": "tl_lightning.data",
     "CatsDogsSource": "tl_lightning.data",
+    "ClassificationDataModule": "tl_lightning.data",
+    "Flowers102Source": "tl_lightning.data",
     "ImageFolderSource": "tl_lightning.data",
     "ImageSource": "tl_lightning.data",
     "ProtoNetModule": "tl_lightning.modules",

@@ -130,7 +130,7 @@ def test_download_extract_scan_via_loopback(loopback, petimages_zip, tmp_path, m
     ]
     assert (folder / "PetImages" / "manifest.csv").exists()
     assert len(dm.train_set) + len(dm.val_set) == 2 * PET_PER_CLASS + len(PET_ODD) - len(
-        dm._split()[2]
+        dm.split_indices("test")
     )
     dm.prepare_data()  # second call: files verified present, no new request
     assert len(loopback.requests) == 1

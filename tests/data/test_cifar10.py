@@ -40,7 +40,7 @@ def test_prepared_root_splits_and_batches(cifar10_patched):
     assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32
     # eval at native size is exactly ToTensor + the backbone's normalisation of the stored pixels
     raw = CIFAR10(str(cifar10_patched.root), train=True)
-    idx = dm._parts[1][0]
+    idx = dm.split_indices("val")[0]
     mean, std = (
         torch.tensor(dm.data_config.mean)[:, None, None],
         torch.tensor(dm.data_config.std)[:, None, None],
@@ -65,7 +65,8 @@ def test_val_split_is_seeded(cifar10_patched):
     c = CIFAR10DataModule(root=str(cifar10_patched.root), download=False, seed=2, **SMALL)
     for dm in (a, b, c):
         dm.setup("fit")
-    assert np.array_equal(a._parts[1], b._parts[1]) and not np.array_equal(a._parts[1], c._parts[1])
+    val = [dm.split_indices("val") for dm in (a, b, c)]
+    assert np.array_equal(val[0], val[1]) and not np.array_equal(val[0], val[2])
 
 
 def test_download_checksum_extract_load(cifar10_patched, loopback, tmp_path, monkeypatch):

@@ -88,13 +88,11 @@ def test_digits_m_datamodule_builds_each_half_from_its_own_images():
     plain = DigitsMDataModule(
         backbone="dann_cnn", weights=None, image_size=16, part="source", blend=False
     )
-    plain._prepare()
-    assert torch.equal(plain._images, digits[domain_part(labels, "source")])
+    assert torch.equal(plain.load_images().items, digits[domain_part(labels, "source")])
     blended = DigitsMDataModule(backbone="dann_cnn", weights=None, image_size=16, part="target")
-    blended._prepare()
     target_idx = domain_part(labels, "target")
-    assert torch.equal(blended._images, blend_with_photos(digits, 0)[target_idx])
-    assert np.array_equal(blended._labels, labels[target_idx])
+    assert torch.equal(blended.load_images().items, blend_with_photos(digits, 0)[target_idx])
+    assert np.array_equal(blended.load_images().labels, labels[target_idx])
     blended.setup("fit")
     x, y = blended.train_set[0]
     assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and -1.0 <= x.min() <= x.max() <= 1.0

@@ -19,6 +19,7 @@ from tests.helpers import print_config
 from tl_lightning.cli import run_cli
 from tl_lightning.data.digits import load_digits_images
 from tl_lightning.data.few_shot import FewShotDataModule
+from tl_lightning.data.flowers102 import Flowers102Source
 from tl_lightning.errors import DataError
 from tl_lightning.modules.protonet import (
     ProtoNetModule,
@@ -358,6 +359,7 @@ def test_flowers_config_stores_a_disjoint_62_20_20_class_split():
     assert [len(s) for s in splits] == [62, 20, 20]
     assert set.union(*splits) == set(range(102))
     dm = FewShotDataModule(
-        **{k: data[k] for k in ("dataset", "train_classes", "val_classes", "test_classes")}
+        Flowers102Source(**data["source"]["init_args"]),
+        **{k: data[k] for k in ("train_classes", "val_classes", "test_classes")},
     )
     assert dm.class_splits() == FewShotDataModule("flowers102", backbone="conv4").class_splits()

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
 from tl_lightning.data.decode import DECODE_ERRORS
+from tl_lightning.data.source import ImageSource
 
 
 @dataclass
@@ -89,8 +89,8 @@ def describe_data(datamodule) -> DataDescription:
         if dataset is not None:
             splits[name] = len(dataset)
     counts = np.bincount(datamodule.train_labels(), minlength=datamodule.num_classes).tolist()
-    scan = getattr(datamodule, "_scan", None)  # folders: the scan's skipped files and reasons
-    broken = [(str(Path(scan.folder) / rel), why) for rel, why in scan.skipped] if scan else []
+    source = getattr(datamodule, "source", None)  # folders: the scan's skipped files and reasons
+    broken = source.skipped() if isinstance(source, ImageSource) else []
     return DataDescription(
         splits=splits,
         class_names=list(datamodule.class_names),

@@ -12,14 +12,17 @@ from pathlib import Path
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 
-from tl_lightning.data.base import ImageDataModule
-from tl_lightning.data.dataset import ImageDataset
+from tl_lightning.data.classification import ClassificationDataModule
 from tl_lightning.data.decode import load_rgb
 from tl_lightning.data.download import download_url, extract_archive
 from tl_lightning.data.listing import class_folders
-from tl_lightning.data.scan import SKIPPED, ScanResult, _skip_summary, scan_image_folder
-from tl_lightning.data.source import ImageSource, LabelledImages
-from tl_lightning.data.split import stratified_split
+from tl_lightning.data.scan import (
+    SKIPPED,
+    ScannedSource,
+    ScanResult,
+    _skip_summary,
+    scan_image_folder,
+)
 from tl_lightning.errors import DataError
 
 PETIMAGES_URL = (
@@ -30,83 +33,6 @@ PETIMAGES_URL = (
 # not re-checked offline here. A mismatch stops the download with a clear error.
 PETIMAGES_SHA256 = "b7974bd00a84a99921f36ee4403f089853777b5ae8d151c76a86e64900334af9"
 PETIMAGES_CLASSES = ["Cat", "Dog"]
-
-def check_fractions(val_fraction: float, test_fraction: float) -> None:
-    """Raise ``ValueError`` unless the fractions leave a non-empty train split."""
-    if not 0 < val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
-        raise ValueError(
-            f"need 0 < val_fraction, 0 <= test_fraction and val_fraction + test_fraction < 1; "
-            f"got val_fraction={val_fraction}, test_fraction={test_fraction}"
-        )
-
-
-class ScannedSource(ImageSource):
-    """A source read from a scanned ``{class}/*`` folder (only files that decode), split by
-    seeded, stratified ``val_fraction``/``test_fraction``. Subclasses implement :meth:`scan`."""
-
-    def __init__(self, val_fraction: float = 0.1, test_fraction: float = 0.1, scan_dir: str | None = None):
-        check_fractions(val_fraction, test_fraction)
-        self.val_fraction, self.test_fraction, self.scan_dir = val_fraction, test_fraction, scan_dir
-        self._scan: ScanResult | None = None
-
-    def scan(self) -> ScanResult:
-        raise NotImplementedError
-
-    def prepare(self) -> None:
-        self.scan()  # once, on one process: the other ranks read the cache in setup()
-
-    def load(self, image_size: int) -> LabelledImages:
-        return self.scan().images()
-
-    def splits(self, images: LabelledImages, seed: int) -> dict[str, np.ndarray]:
-        v, t = self.val_fraction, self.test_fraction
-        fractions = (1 - v - t, v, t) if t > 0 else (1 - v, v)
-        parts = stratified_split(images.labels, fractions, seed)
-        return dict(zip(("train", "val", "test"), [*parts, np.zeros(0, np.int64)][:3], strict=True))
-
-
-class ScannedFolderSplits:
-    """Train/val/test datasets of a datamodule whose ``source`` is a :class:`ScannedSource`."""
-
-    @staticmethod
-    def check_fractions(val_fraction: float, test_fraction: float) -> None:
-        check_fractions(val_fraction, test_fraction)
-
-    def _scan_folder(self) -> ScanResult:
-        return self.source.scan()
-
-    @property
-    def _scan(self) -> ScanResult | None:
-        """The source's scan once done (the advisor's description reads its skipped files)."""
-        return self.source._scan
-
-    def prepare_data(self) -> None:
-        self.source.prepare()
-
-    def _split(self) -> list[np.ndarray]:
-        if self._parts is None:
-            images = self.source.load(self.image_size)
-            splits = self.source.splits(images, self.hparams.seed)
-            self._parts = [splits[name] for name in ("train", "val", "test")]
-        return self._parts
-
-    def train_labels(self) -> np.ndarray:
-        return np.asarray(self._scan_folder().labels, dtype=np.int64)[self._split()[0]]
-
-    def _dataset(self, part: int, transform) -> ImageDataset:
-        return self._scan_folder().images().dataset(self._split()[part], transform)
-
-    def setup(self, stage: str | None = None) -> None:
-        if stage in (None, "fit", "validate"):
-            self.train_set = self._dataset(0, self.train_transform())
-            self.val_set = self._dataset(1, self.eval_transform())
-        if stage in (None, "test"):
-            if self.hparams.test_fraction == 0:
-                raise ValueError(
-                    "test_fraction is 0, so there is no test split; set test_fraction > 0"
-                )
-            self.test_set = self._dataset(2, self.eval_transform())
-
 
 class CatsDogsSource(ScannedSource):
     """Cats vs Dogs as a source: Microsoft's PetImages archive (downloaded, verified, scanned
@@ -193,7 +119,7 @@ class CatsDogsSource(ScannedSource):
         return self._scan
 
 
-class CatsDogsDataModule(ScannedFolderSplits, ImageDataModule):
+class CatsDogsDataModule(ClassificationDataModule):
     """Cats vs Dogs from Microsoft's ``kagglecatsanddogs_5340.zip``, or your own ``{class}/*.jpg`` folder.
 
     The archive (25,000 photos and a ``Thumbs.db`` in ``PetImages/Cat`` and ``PetImages/Dog``, some empty or
@@ -230,12 +156,5 @@ class CatsDogsDataModule(ScannedFolderSplits, ImageDataModule):
         scan_dir: str | None = None,
         **kwargs,
     ):
-        super().__init__(*args, **kwargs)
-        self.source = CatsDogsSource(root, download, data_dir, val_fraction, test_fraction, scan_dir)
-        self.root = Path(root)
-        self.image_folder = self.source.image_folder
-        self._parts: list[np.ndarray] | None = None
-
-    @property
-    def class_names(self) -> list[str]:
-        return self.source.class_names
+        source = CatsDogsSource(root, download, data_dir, val_fraction, test_fraction, scan_dir)
+        super().__init__(source, *args, **kwargs)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from tl_lightning.data.base import ImageDataModule
+from tl_lightning.data.classification import ClassificationDataModule
 from tl_lightning.data.download import check_file, download_url, extract_archive
 from tl_lightning.data.scan import SKIPPED
 from tl_lightning.data.source import ImageSource, LabelledImages
@@ -30,7 +30,6 @@ CIFAR10_CLASSES = [
     "ship",
     "truck",
 ]
-NATIVE_SIZE = 32
 
 
 def _dataset_class():
@@ -222,8 +221,15 @@ class CIFAR10Source(ImageSource):
         )
         return {"train": official[train], "val": official[val], "test": images.splits["test"]}
 
+    def check_split(self, split: str, indices: np.ndarray) -> None:
+        if split == "test" and not len(indices):
+            raise DataError(
+                f"no CIFAR-10 test images under '{Path(self.root)}': test_batch was skipped (see "
+                f"the warning and skipped.csv); delete cifar-10-batches-py and download again"
+            )
 
-class CIFAR10DataModule(ImageDataModule):
+
+class CIFAR10DataModule(ClassificationDataModule):
     """CIFAR-10: train 50,000 / test 10,000; validation carved from train (seeded, stratified).
 
     Data lives in ``{root}/cifar-10-batches-py`` (the archive ``cifar-10-python.tar.gz`` is kept
@@ -254,50 +260,4 @@ class CIFAR10DataModule(ImageDataModule):
         classes: list[str] | None = None,
         **kwargs,
     ):
-        super().__init__(*args, **kwargs)
-        self.source = CIFAR10Source(root, download, classes, val_fraction)
-        self.classes = self.source.class_names
-        self.root = Path(root)
-        self._data: LabelledImages | None = None
-        self._splits: dict[str, np.ndarray] | None = None
-
-    @property
-    def class_names(self) -> list[str]:
-        return self.source.class_names
-
-    def prepare_data(self) -> None:
-        self.source.prepare()
-
-    def load_images(self) -> LabelledImages:
-        """This datamodule's source: CIFAR-10 (train and test, official splits), kept classes only."""
-        if self._data is None:
-            self._data = self.source.load(NATIVE_SIZE)
-        return self._data
-
-    def _split(self, name: str) -> np.ndarray:
-        if self._splits is None:
-            self._splits = self.source.splits(self.load_images(), self.hparams.seed)
-        return self._splits[name]
-
-    @property
-    def _parts(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(train, val)`` indices (official train images come first: also indices into it)."""
-        return self._split("train"), self._split("val")
-
-    def train_labels(self) -> np.ndarray:
-        return self.load_images().labels[self._split("train")]
-
-    def setup(self, stage: str | None = None) -> None:
-        data = self.load_images()
-        train_tf, eval_tf = self.transforms_for(data)
-        if stage in (None, "fit", "validate"):
-            self.train_set = data.dataset(self._split("train"), train_tf)
-            self.val_set = data.dataset(self._split("val"), eval_tf)
-        if stage in (None, "test"):
-            test = self._split("test")
-            if stage == "test" and not len(test):
-                raise DataError(
-                    f"no CIFAR-10 test images under '{self.root}': test_batch was skipped (see "
-                    f"the warning and skipped.csv); delete cifar-10-batches-py and download again"
-                )
-            self.test_set = data.dataset(test, eval_tf)
+        super().__init__(CIFAR10Source(root, download, classes, val_fraction), *args, **kwargs)

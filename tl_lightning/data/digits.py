@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tl_lightning.data.base import ImageDataModule
+from tl_lightning.data.classification import ClassificationDataModule
 from tl_lightning.data.source import ImageSource, LabelledImages
 from tl_lightning.data.split import stratified_split
 
@@ -56,7 +56,7 @@ class DigitsSource(ImageSource):
         return dict(zip(("train", "val", "test"), parts, strict=True))
 
 
-class DigitsDataModule(ImageDataModule):
+class DigitsDataModule(ClassificationDataModule):
     """Handwritten digits bundled with scikit-learn: real data, no download, runs anywhere.
 
     Seeded stratified train/val/test split (default 60/20/20), images upsampled from 8x8 to
@@ -73,39 +73,4 @@ class DigitsDataModule(ImageDataModule):
     default_workers = 0  # in memory: worker processes would cost more than they save
 
     def __init__(self, *args, image_size: int | None = 64, split: tuple[float, float, float] = (0.6, 0.2, 0.2), **kwargs):
-        super().__init__(*args, image_size=image_size, **kwargs)
-        self.source: ImageSource = DigitsSource(split)
-        self._labels: np.ndarray | None = None
-        self._parts: list[np.ndarray] | None = None
-
-    @property
-    def split(self) -> tuple[float, ...]:
-        return self.source.split
-
-    @property
-    def class_names(self) -> list[str]:
-        return self.source.class_names
-
-    def load_images(self) -> LabelledImages:
-        """This datamodule's source's images at ``image_size``."""
-        return self.source.load(self.image_size)
-
-    def _prepare(self) -> None:
-        if self._parts is None:
-            self._data = self.load_images()
-            self._images, self._labels = self._data.items, self._data.labels
-            splits = self.source.splits(self._data, self.hparams.seed)
-            self._parts = [splits[name] for name in ("train", "val", "test")]
-
-    def train_labels(self) -> np.ndarray:
-        self._prepare()
-        return self._labels[self._parts[0]]
-
-    def setup(self, stage: str | None = None) -> None:
-        self._prepare()
-        data = self._data
-        train_tf, eval_tf = self.transforms_for(data)
-        sets = [
-            data.dataset(idx, tf) for idx, tf in zip(self._parts, (train_tf, eval_tf, eval_tf))
-        ]
-        self.train_set, self.val_set, self.test_set = sets
+        super().__init__(DigitsSource(split), *args, image_size=image_size, **kwargs)

@@ -15,12 +15,8 @@ from functools import cache
 import numpy as np
 import torch
 
-from tl_lightning.data.digits import (
-    DIGITS_CLASSES,
-    DigitsDataModule,
-    DigitsSource,
-    load_digits_images,
-)
+from tl_lightning.data.classification import ClassificationDataModule
+from tl_lightning.data.digits import DIGITS_CLASSES, DigitsSource, load_digits_images
 from tl_lightning.data.source import LabelledImages
 from tl_lightning.data.split import stratified_split
 
@@ -153,7 +149,7 @@ class DigitsMSource(DigitsSource):
         return load_digits_m(image_size, self.part, self.blend, self.photos, self.photo_seed)
 
 
-class DigitsMDataModule(DigitsDataModule):
+class DigitsMDataModule(ClassificationDataModule):
     """Digits-M: scikit-learn digits on natural-photo patches (a MNIST-M-like target domain, offline).
 
     Args:
@@ -171,6 +167,8 @@ class DigitsMDataModule(DigitsDataModule):
         torch.Size([64, 3, 28, 28])
     """
 
+    default_workers = 0  # in memory: worker processes would cost more than they save
+
     def __init__(
         self,
         *args,
@@ -182,7 +180,5 @@ class DigitsMDataModule(DigitsDataModule):
         split: tuple[float, float, float] = (0.6, 0.2, 0.2),
         **kwargs,
     ):
-        super().__init__(*args, image_size=image_size, split=split, **kwargs)
-        self.source = DigitsMSource(part, blend, photos, photo_seed, split)
-        self.part, self.blend = part, blend
-        self.photos, self.photo_seed = self.source.photos, photo_seed
+        source = DigitsMSource(part, blend, photos, photo_seed, split)
+        super().__init__(source, *args, image_size=image_size, **kwargs)

@@ -1,11 +1,11 @@
-"""Few-shot training data: N-way K-shot episodes over disjoint class splits of one dataset."""
+"""Few-shot training data: N-way K-shot episodes over disjoint class splits of one source."""
 
 from __future__ import annotations
 
+import json
 import logging
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,77 +13,89 @@ from torch.utils.data import DataLoader, Dataset
 
 from tl_lightning.backbones import conv4 as _conv4  # noqa: F401  (registers the default backbone)
 from tl_lightning.data.base import ImageDataModule, ResumableSkipFailedDataLoader
-from tl_lightning.data.cifar10 import CIFAR10_CLASSES, download_cifar10, load_cifar10
+from tl_lightning.data.cifar10 import CIFAR10Source
 from tl_lightning.data.decode import SkipFailedDataLoader
-from tl_lightning.data.digits import DIGITS_CLASSES, load_digits
+from tl_lightning.data.digits import DigitsSource
 from tl_lightning.data.episodes import EpisodeCollate, EpisodicBatchSampler, IndexDataset
-from tl_lightning.data.flowers102 import (
-    FLOWERS102_CLASSES,
-    download_flowers102,
-    load_flowers102,
-)
-from tl_lightning.data.image_folder import folder_classes, load_image_folder
-from tl_lightning.data.source import LabelledImages
+from tl_lightning.data.flowers102 import Flowers102Source
+from tl_lightning.data.image_folder import ImageFolderSource
+from tl_lightning.data.source import ImageSource, LabelledImages
 from tl_lightning.data.split import stratified_split
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class FewShotSource:
-    """A dataset episodes can be drawn from: its loader, its class names, its default class split.
+# --- deprecated (remove in the next release): the dataset name -> source switch -----------------
+def _deprecated_dataset_source(
+    dataset: str, root: str | None, download: bool | None
+) -> ImageSource:
+    """The source an old ``dataset`` name stood for, with a FutureWarning naming its spelling."""
+    root, download = "data" if root is None else root, bool(download)
+    sources = {
+        "digits": lambda: DigitsSource(),
+        "cifar10": lambda: CIFAR10Source(root, download),
+        "flowers102": lambda: Flowers102Source(root, download),
+        "folder": lambda: ImageFolderSource(root),
+    }
+    if dataset not in sources:
+        raise ValueError(f"unknown few-shot dataset '{dataset}'; valid: {list(sources)}")
+    source = sources[dataset]()
+    config = source.config()
+    args = ", ".join(f"{k}: {json.dumps(v)}" for k, v in config["init_args"].items())
+    warnings.warn(
+        f"FewShotDataModule: dataset='{dataset}' (with root/download) is deprecated and goes in "
+        f"the next release; give the source instead, in YAML `source: {{class_path: "
+        f"{config['class_path']}, init_args: {{{args}}}}}`, in Python "
+        f"source={type(source).__name__}(...)",
+        FutureWarning,
+        stacklevel=4,
+    )
+    return source
 
-    ``class_fractions=None``: classes 0-4 train, 5-9 validate and test (on disjoint halves of
-    their images); otherwise a seeded permutation of the classes, these train/val shares.
-    """
 
-    load: Callable[[Path, bool, int], LabelledImages]  # (root, download, image_size)
-    class_names: Callable[[Path], list[str]]
-    class_fractions: tuple[float, float] | None
-
-
-def _cifar10(root: Path, download: bool, image_size: int) -> LabelledImages:
-    if download:
-        download_cifar10(root)
-    return load_cifar10(root, download=download)
-
-
-def _flowers102(root: Path, download: bool, image_size: int) -> LabelledImages:
-    if download:
-        download_flowers102(root)
-    return load_flowers102(root, download)
-
-
-FEW_SHOT_SOURCES: dict[str, FewShotSource] = {
-    "digits": FewShotSource(
-        lambda root, download, size: load_digits(size), lambda root: list(DIGITS_CLASSES), None
-    ),
-    "cifar10": FewShotSource(_cifar10, lambda root: list(CIFAR10_CLASSES), None),
-    "flowers102": FewShotSource(
-        _flowers102, lambda root: list(FLOWERS102_CLASSES), (62 / 102, 20 / 102)
-    ),
-    "folder": FewShotSource(
-        lambda root, download, size: load_image_folder(root), folder_classes, (0.6, 0.2)
-    ),
-}
+def _resolve_source(
+    source: ImageSource | str | None, dataset: str | None, root: str | None, download: bool | None
+) -> ImageSource:
+    """``source`` (default: the digits), or the source a deprecated ``dataset`` name stands for
+    (also given as the first positional argument, as before)."""
+    if isinstance(source, str) and dataset is None:
+        source, dataset = None, source
+    if dataset is not None:
+        if source is not None:
+            raise ValueError("give either source or the deprecated dataset, not both")
+        return _deprecated_dataset_source(dataset, root, download)
+    if root is not None or download is not None:
+        raise ValueError(
+            "root and download only go with the deprecated dataset; set them in the source's "
+            "init_args (e.g. source: {class_path: tl_lightning.data.flowers102.Flowers102Source, "
+            "init_args: {root: data, download: true}})"
+        )
+    source = DigitsSource() if source is None else source
+    if not isinstance(source, ImageSource):
+        raise ValueError(
+            f"source must be an ImageSource such as tl_lightning.data.digits.DigitsSource "
+            f"(in YAML: class_path + init_args), got {type(source).__name__}"
+        )
+    return source
 
 
 class FewShotDataModule(ImageDataModule):
     """Episodes over *disjoint class splits*: train, validate and test on different classes.
 
-    Datasets (``dataset``) and their default class splits (override with ``train_classes``,
-    ``val_classes``, ``test_classes``: class ids or names):
+    ``source`` is any :class:`~tl_lightning.data.source.ImageSource` (default: the offline
+    digits); all its images are pooled (its own train/val/test splits are not used) and its
+    *classes* are split. The default class split is the source's ``few_shot_classes``
+    (override with ``train_classes``, ``val_classes``, ``test_classes``: class ids or names):
 
-    - ``digits`` (offline, scikit-learn's handwritten digits): train 0-4, test 5-9. Only 10
-      classes exist, so validation also uses classes 5-9 but on the other half of their images
-      (seeded, stratified): val and test share classes, never images. Use validation to monitor,
-      and report the test numbers.
-    - ``cifar10`` (torchvision, ``root``; 60,000 images of train + test pooled): train
-      airplane/automobile/bird/cat/deer (0-4), val/test dog/frog/horse/ship/truck (5-9), split
-      by image halves like digits.
-    - ``flowers102`` (torchvision, ``root``; all 8,189 images pooled): a seeded 62/20/20 class
-      permutation; shipped configs store the lists explicitly.
-    - ``folder``: ``root/<class>/*.jpg``, a seeded 60/20/20 split of the class folders.
+    - ``None`` (``DigitsSource``, ``DigitsMSource``, ``CIFAR10Source``): the first half of the
+      classes trains, the second half validates and tests, on disjoint halves of their images
+      (seeded, stratified). Digits: train 0-4, val/test 5-9; CIFAR-10 (all 60,000 images):
+      train airplane/automobile/bird/cat/deer, val/test dog/frog/horse/ship/truck. Use
+      validation to monitor, and report the test numbers.
+    - fractions ``(train, val)``: a seeded permutation of the classes, the rest tests.
+      ``Flowers102Source`` (all 8,189 images): 62/20/20 classes (the shipped config stores the
+      lists explicitly); ``ImageFolderSource`` (``root/<class>/*``, scanned once like the
+      classification folders): 60/20/20.
 
     Whenever ``val_classes`` and ``test_classes`` overlap, the shared classes' images are split
     in halves between them. ``train`` and ``test`` classes must be disjoint.
@@ -91,7 +103,7 @@ class FewShotDataModule(ImageDataModule):
     Evaluation episodes are ``way``-way ``shot``-shot with ``query`` queries per class; training
     may use other values (``train_way``, ... default to the evaluation ones; the paper trains
     with a higher way). ``num_classes`` is the evaluation way (the CLI links it to the model);
-    ``class_names`` names the dataset's class ids that episodes carry.
+    ``class_names`` names the source's class ids that episodes carry.
 
     Episodes go through :class:`EpisodicBatchSampler` as ``batch_sampler``: correct with
     ``Trainer(use_distributed_sampler=True)`` (default; Lightning's injected
@@ -102,8 +114,13 @@ class FewShotDataModule(ImageDataModule):
     ``eval_episodes_per_batch`` episodes per loader step (one vectorised computation, the same
     episodes and numbers) instead of paying a Lightning step per episode.
 
+    Deprecated (one release): ``dataset`` (``digits``, ``cifar10``, ``flowers102``, ``folder``,
+    also as the first positional argument) with ``root``/``download`` instead of ``source``; it
+    warns with the ``source:`` spelling to use.
+
     Example:
-        >>> dm = FewShotDataModule("digits", backbone="conv4", image_size=28, way=5, shot=1)
+        >>> from tl_lightning.data.digits import DigitsSource
+        >>> dm = FewShotDataModule(DigitsSource(), backbone="conv4", image_size=28, way=5, shot=1)
         >>> dm.setup("fit"); support, s_labels, query, q_labels = next(iter(dm.train_dataloader()))
         >>> support.shape, query.shape
         (torch.Size([5, 3, 28, 28]), torch.Size([75, 3, 28, 28]))
@@ -113,9 +130,9 @@ class FewShotDataModule(ImageDataModule):
 
     def __init__(
         self,
-        dataset: str = "digits",
-        root: str = "data",
-        download: bool = False,
+        source: ImageSource | None = None,
+        root: str | None = None,
+        download: bool | None = None,
         train_classes: list[int | str] | None = None,
         val_classes: list[int | str] | None = None,
         test_classes: list[int | str] | None = None,
@@ -135,11 +152,9 @@ class FewShotDataModule(ImageDataModule):
         num_workers: int | None = None,
         seed: int = 0,
         eval_episodes_per_batch: int = 100,
+        dataset: str | None = None,
     ):
-        if dataset not in FEW_SHOT_SOURCES:
-            raise ValueError(
-                f"unknown few-shot dataset '{dataset}'; valid: {list(FEW_SHOT_SOURCES)}"
-            )
+        resolved = _resolve_source(source, dataset, root, download)
         super().__init__(
             backbone=backbone,
             weights=weights,
@@ -151,14 +166,13 @@ class FewShotDataModule(ImageDataModule):
         if eval_episodes_per_batch < 1:
             raise ValueError(f"eval_episodes_per_batch must be >= 1, got {eval_episodes_per_batch}")
         self.save_hyperparameters()  # only this class's arguments (the base's batch_size etc. do not apply)
-        self.dataset = dataset
-        self.source = FEW_SHOT_SOURCES[dataset]
-        self.root = Path(root)
+        if isinstance(source, ImageSource):  # plain values: hparams load with weights_only=True
+            self.save_hyperparameters({**self.hparams, "source": source.config()})
+        self.source = resolved
         self.way, self.shot, self.query = way, shot, query
         self.train_way = train_way or way
         self.train_shot = train_shot or shot
         self.train_query = query if train_query is None else train_query
-        self._names: list[str] | None = None
         self._data: LabelledImages | None = None
         self._index_episodes = False  # set through use_frozen_features()
         self._labels: np.ndarray | None = None
@@ -172,10 +186,8 @@ class FewShotDataModule(ImageDataModule):
 
     @property
     def class_names(self) -> list[str]:
-        """Names of all the dataset's class ids (the labels episodes carry)."""
-        if self._names is None:
-            self._names = self.source.class_names(self.root)
-        return self._names
+        """Names of all the source's class ids (the labels episodes carry)."""
+        return self.source.class_names
 
     def _class_ids(self, given: list[int | str] | None, default: list[int], what: str) -> list[int]:
         if given is None:
@@ -196,12 +208,12 @@ class FewShotDataModule(ImageDataModule):
     def class_splits(self) -> dict[str, list[int]]:
         """``{"train": [...], "val": [...], "test": [...]}`` class ids after defaults and overrides."""
         n = len(self.class_names)
-        fractions = self.source.class_fractions
-        if fractions is None:
+        fractions = self.source.few_shot_classes
+        if fractions is None:  # first half trains, second half validates and tests
             defaults = {
-                "train": list(range(5)),
-                "val": list(range(5, 10)),
-                "test": list(range(5, 10)),
+                "train": list(range(n // 2)),
+                "val": list(range(n // 2, n)),
+                "test": list(range(n // 2, n)),
             }
         else:
             perm = np.random.default_rng(self.hparams.seed).permutation(n).tolist()
@@ -228,10 +240,13 @@ class FewShotDataModule(ImageDataModule):
         return splits
 
     # --- data ------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        self.source.prepare()
+
     def _load(self) -> None:
-        """The whole dataset, once (episodes index into it)."""
+        """All the source's images, once (episodes index into them)."""
         if self._data is None:
-            self._data = self.source.load(self.root, self.hparams.download, self.image_size)
+            self._data = self.source.load(self.image_size)
             self._labels = self._data.labels
 
     def _split_indices(self) -> dict[str, np.ndarray]:

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 
-from tl_lightning.data.base import ImageDataModule
+from tl_lightning.data.classification import ClassificationDataModule
 from tl_lightning.data.download import check_file, download_url, extract_archive
-from tl_lightning.data.source import LabelledImages
+from tl_lightning.data.source import ImageSource, LabelledImages
 
 # Names of labels 0..101 (``imagelabels.mat`` holds 1..102), as torchvision lists them.
 FLOWERS102_CLASSES = [
@@ -97,7 +97,47 @@ def load_flowers102(root: str | Path, download: bool = False) -> LabelledImages:
     return LabelledImages(files, np.concatenate(targets), list(FLOWERS102_CLASSES), splits)
 
 
-class Flowers102DataModule(ImageDataModule):
+class Flowers102Source(ImageSource):
+    """Flowers-102 as a source, with its official splits (train 1,020 / val 1,020 / test 6,149).
+
+    Args:
+        root: folder holding ``flowers-102``. download: fetch it (md5-checked) when missing.
+        train_on_trainval: train on train+val (validation stays the official val split).
+
+    Example:
+        >>> source = Flowers102Source(root="data", train_on_trainval=True)
+        >>> len(source.class_names), source.class_names[0], round(source.few_shot_classes[0] * 102)
+        (102, 'pink primrose', 62)
+    """
+
+    few_shot_classes = (62 / 102, 20 / 102)  # FewShotDataModule: a seeded 62/20/20 class split
+
+    def __init__(self, root: str = "data", download: bool = True, train_on_trainval: bool = False):
+        self.root, self.download, self.train_on_trainval = root, download, train_on_trainval
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(FLOWERS102_CLASSES)
+
+    def prepare(self) -> None:
+        if self.download:
+            download_flowers102(self.root)
+
+    def load(self, image_size: int) -> LabelledImages:
+        return load_flowers102(self.root, self.download)
+
+    def splits(self, images: LabelledImages, seed: int) -> dict[str, np.ndarray]:
+        official = images.splits
+        train_on = ["train", "val"] if self.train_on_trainval else ["train"]
+        train = np.concatenate([official[s] for s in train_on])
+        rank_zero_info(
+            f"Flowers-102: train on {'+'.join(train_on)} ({len(train)} images), "
+            f"val {len(official['val'])}"
+        )
+        return {"train": train, "val": official["val"], "test": official["test"]}
+
+
+class Flowers102DataModule(ClassificationDataModule):
     """Flowers-102 with its official splits: train 1,020 / val 1,020 / test 6,149 (10 per class in train).
 
     Data lives in ``{root}/flowers-102`` (``jpg/``, ``imagelabels.mat``, ``setid.mat``, and the
@@ -124,43 +164,4 @@ class Flowers102DataModule(ImageDataModule):
         train_on_trainval: bool = False,
         **kwargs,
     ):
-        super().__init__(*args, **kwargs)
-        self.root = Path(root)
-        self._data: LabelledImages | None = None
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(FLOWERS102_CLASSES)
-
-    def prepare_data(self) -> None:
-        if self.hparams.download:
-            download_flowers102(self.root)
-
-    def load_images(self) -> LabelledImages:
-        """This datamodule's source: every Flowers-102 image with the official splits."""
-        if self._data is None:
-            self._data = load_flowers102(self.root, self.hparams.download)
-        return self._data
-
-    def _indices(self, splits: list[str]) -> np.ndarray:
-        data = self.load_images()
-        return np.concatenate([data.splits[s] for s in splits])
-
-    def _train_splits(self) -> list[str]:
-        return ["train", "val"] if self.hparams.train_on_trainval else ["train"]
-
-    def train_labels(self) -> np.ndarray:
-        return self.load_images().labels[self._indices(self._train_splits())]
-
-    def setup(self, stage: str | None = None) -> None:
-        data = self.load_images()
-        train_tf, eval_tf = self.transforms_for(data)
-        if stage in (None, "fit", "validate"):
-            self.train_set = data.dataset(self._indices(self._train_splits()), train_tf)
-            self.val_set = data.dataset(data.splits["val"], eval_tf)
-            rank_zero_info(
-                f"Flowers-102: train on {'+'.join(self._train_splits())} ({len(self.train_set)} images), "
-                f"val {len(self.val_set)}"
-            )
-        if stage in (None, "test"):
-            self.test_set = data.dataset(data.splits["test"], eval_tf)
+        super().__init__(Flowers102Source(root, download, train_on_trainval), *args, **kwargs)

@@ -9,12 +9,16 @@ from pathlib import Path
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from tl_lightning.data.base import ImageDataModule
-from tl_lightning.data.cats_dogs import ScannedFolderSplits, ScannedSource
+from tl_lightning.data.classification import ClassificationDataModule
 from tl_lightning.data.decode import load_rgb
-from tl_lightning.data.listing import IMAGE_EXTENSIONS, class_folders, list_images
-from tl_lightning.data.scan import SKIPPED, ScanResult, _skip_summary, scan_image_folder
-from tl_lightning.data.source import LabelledImages
+from tl_lightning.data.listing import IMAGE_EXTENSIONS, class_folders
+from tl_lightning.data.scan import (
+    SKIPPED,
+    ScannedSource,
+    ScanResult,
+    _skip_summary,
+    scan_image_folder,
+)
 from tl_lightning.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -27,33 +31,6 @@ def _has_image_files(folder: Path) -> bool:
     )
 
 
-def folder_classes(root: str | Path) -> list[str]:
-    """The class subfolders of ``root`` (sorted, hidden ones left out); an error when none."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"image folder '{root}' does not exist (expected root/<class>/*.jpg)"
-        )
-    names = class_folders(root)
-    if not names:
-        raise DataError(f"no class folders under '{root}' (expected root/<class>/*.jpg)")
-    return names
-
-
-def load_image_folder(root: str | Path) -> LabelledImages:
-    """Every image file of ``root/<class>/`` (listed, not scanned: broken files are skipped and
-    reported when read)."""
-    root = Path(root)
-    files, labels = [], []
-    for i, name in enumerate(folder_classes(root)):
-        found = list_images(root / name)
-        files += found
-        labels += [i] * len(found)
-    if not files:
-        raise DataError(f"no images under the class folders of '{root}'")
-    return LabelledImages(files, np.asarray(labels, dtype=np.int64), folder_classes(root))
-
-
 class ImageFolderSource(ScannedSource):
     """Any ``root/{class}/*`` folder as a source: scanned once, broken files skipped, class
     folders without image files left out with a warning (see :class:`ImageFolderDataModule`).
@@ -62,6 +39,8 @@ class ImageFolderSource(ScannedSource):
         >>> ImageFolderSource("my_images", val_fraction=0.2).class_names  # doctest: +SKIP
         ['cat', 'dog', 'fox']
     """
+
+    few_shot_classes = (0.6, 0.2)  # FewShotDataModule: a seeded 60/20/20 split of the classes
 
     def __init__(
         self,
@@ -130,7 +109,7 @@ class ImageFolderSource(ScannedSource):
         return scan
 
 
-class ImageFolderDataModule(ScannedFolderSplits, ImageDataModule):
+class ImageFolderDataModule(ClassificationDataModule):
     """A folder of ``{class}/*`` images: one class per subfolder, seeded stratified splits.
 
     Every file is decoded once (cached in ``manifest.csv``/``skipped.csv``/``scan.json`` next to
@@ -159,11 +138,5 @@ class ImageFolderDataModule(ScannedFolderSplits, ImageDataModule):
         scan_dir: str | None = None,
         **kwargs,
     ):
-        super().__init__(*args, **kwargs)
-        self.source = ImageFolderSource(root, val_fraction, test_fraction, scan_dir)
-        self.root = Path(root)
-        self._parts: list[np.ndarray] | None = None
-
-    @property
-    def class_names(self) -> list[str]:
-        return self.source.class_names
+        source = ImageFolderSource(root, val_fraction, test_fraction, scan_dir)
+        super().__init__(source, *args, **kwargs)

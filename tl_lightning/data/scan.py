@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from tl_lightning.data.decode import failure_reason
 from tl_lightning.data.listing import IMAGE_EXTENSIONS, class_folders
-from tl_lightning.data.source import LabelledImages
+from tl_lightning.data.source import ImageSource, LabelledImages
+from tl_lightning.data.split import stratified_split
 from tl_lightning.errors import DataError
 from tl_lightning.file_io import atomic_write_text
 
@@ -207,3 +208,45 @@ def _skip_summary(skipped: list[tuple[str, str]]) -> str:
         kinds[kind] = kinds.get(kind, 0) + 1
     return ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())) or "none"
 
+
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+    """Raise ``ValueError`` unless the fractions leave a non-empty train split."""
+    if not 0 < val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise ValueError(
+            f"need 0 < val_fraction, 0 <= test_fraction and val_fraction + test_fraction < 1; "
+            f"got val_fraction={val_fraction}, test_fraction={test_fraction}"
+        )
+
+
+class ScannedSource(ImageSource):
+    """A source read from a scanned ``{class}/*`` folder (only files that decode), split by
+    seeded, stratified ``val_fraction``/``test_fraction``. Subclasses implement :meth:`scan`."""
+
+    def __init__(self, val_fraction: float = 0.1, test_fraction: float = 0.1, scan_dir: str | None = None):
+        check_fractions(val_fraction, test_fraction)
+        self.val_fraction, self.test_fraction, self.scan_dir = val_fraction, test_fraction, scan_dir
+        self._scan: ScanResult | None = None
+
+    def scan(self) -> ScanResult:
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        self.scan()  # once, on one process: the other ranks read the cache in setup()
+
+    def load(self, image_size: int) -> LabelledImages:
+        return self.scan().images()
+
+    def splits(self, images: LabelledImages, seed: int) -> dict[str, np.ndarray]:
+        v, t = self.val_fraction, self.test_fraction
+        fractions = (1 - v - t, v, t) if t > 0 else (1 - v, v)
+        parts = stratified_split(images.labels, fractions, seed)
+        return dict(zip(("train", "val", "test"), [*parts, np.zeros(0, np.int64)][:3], strict=True))
+
+    def check_split(self, split: str, indices: np.ndarray) -> None:
+        if split == "test" and self.test_fraction == 0:
+            raise ValueError("test_fraction is 0, so there is no test split; set test_fraction > 0")
+
+    def skipped(self) -> list[tuple[str, str]]:
+        """The scan's skipped files (absolute paths) and reasons, once scanned."""
+        scan = self._scan
+        return [(str(Path(scan.folder) / rel), why) for rel, why in scan.skipped] if scan else []

@@ -3,8 +3,9 @@ and :class:`ImageSource`, the config-level recipe that loads and splits them.
 
 Every dataset has one loader that returns :class:`LabelledImages` (``digits.load_digits``,
 ``digits_m.load_digits_m``, ``cifar10.load_cifar10``, ``flowers102.load_flowers102``,
-``scan.load_scanned_folder`` for Cats-vs-Dogs and any class folder); datamodules compose them:
-a classification datamodule splits one into train/val/test, the few-shot one splits its classes.
+``scan.ScanResult.images`` for Cats-vs-Dogs and any class folder); datamodules compose them:
+a classification datamodule (:class:`~tl_lightning.data.classification.ClassificationDataModule`)
+splits one into train/val/test, the few-shot one splits its classes.
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ class LabelledImages:
 class ImageSource:
     """How to get one dataset's :class:`LabelledImages` and its splits, from plain config values.
 
-    The recipe a datamodule composes (``DomainAdaptationDataModule`` takes two): ``prepare()``
+    The recipe a datamodule composes (``ClassificationDataModule`` and ``FewShotDataModule``
+    take one, ``DomainAdaptationDataModule`` two): ``prepare()``
     downloads or scans once (from ``prepare_data``), ``class_names`` is known before loading,
     ``load(image_size)`` gives the images and ``splits(images, seed)`` the indices of the
     ``train``, ``val`` and ``test`` splits. A subclass stores each constructor argument under its
@@ -100,6 +102,12 @@ class ImageSource:
         >>> {k: len(v) for k, v in source.splits(images, seed=0).items()}
         {'train': 538, 'val': 180, 'test': 178}
     """
+
+    #: How :class:`~tl_lightning.data.few_shot.FewShotDataModule` splits this source's classes
+    #: by default: ``None``: the first half of the class ids trains, the second half validates
+    #: and tests (on disjoint halves of their images); ``(train, val)`` fractions: a seeded
+    #: permutation of the classes, the rest tests.
+    few_shot_classes: tuple[float, float] | None = None
 
     def prepare(self) -> None:
         """Download or scan what :meth:`load` reads (once, on one process)."""
@@ -114,6 +122,14 @@ class ImageSource:
     def splits(self, images: LabelledImages, seed: int) -> dict[str, np.ndarray]:
         """``{"train": indices, "val": indices, "test": indices}`` into ``images``."""
         raise NotImplementedError
+
+    def check_split(self, split: str, indices: np.ndarray) -> None:
+        """Raise when a datamodule needs ``split`` and this source cannot give it (an empty
+        split is fine by default)."""
+
+    def skipped(self) -> list[tuple[str, str]]:
+        """``(path, reason)`` of each file :meth:`load` left out (none by default)."""
+        return []
 
     def config(self) -> dict:
         """``{"class_path": ..., "init_args": {...}}``: plain values, as a YAML config writes it."""
