@@ -57,7 +57,9 @@ def model(**kw) -> FineTuneModule:
 def fit(tmp_path, epochs, bn="eval", callbacks=(), ckpt_path=None, net=None, **kw):
     net = net or model()
     heads = Heads()
-    unfreeze = GradualUnfreezing(unfreeze_at_epoch=2, lr_ratio=0.1, bn=bn, frozen_head="probe", **kw)
+    unfreeze = GradualUnfreezing(
+        unfreeze_at_epoch=2, lr_ratio=0.1, bn=bn, frozen_head="probe", **kw
+    )
     trainer = Trainer(
         max_epochs=epochs,
         accelerator="cpu",
@@ -128,11 +130,11 @@ def test_resume_inside_the_probe_frozen_phase(tmp_path, monkeypatch):
 
     calls = []
     real = probe_init.probe_head
-    monkeypatch.setattr(
-        probe_init, "probe_head", lambda *a, **k: calls.append(1) or real(*a, **k)
-    )
+    monkeypatch.setattr(probe_init, "probe_head", lambda *a, **k: calls.append(1) or real(*a, **k))
     resumed, heads, _, _ = fit(
-        tmp_path, 3, callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt2")],
+        tmp_path,
+        3,
+        callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt2")],
         ckpt_path=tmp_path / "ckpt" / "epoch=0.ckpt",
     )
     assert calls == []  # the checkpoint holds the probe's head: it is not fitted again

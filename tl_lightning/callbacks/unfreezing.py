@@ -152,7 +152,9 @@ class GradualUnfreezing(Callback):
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if frozen_head not in FROZEN_HEADS:
-            raise ValueError(f"frozen_head must be one of {list(FROZEN_HEADS)}, got '{frozen_head}'")
+            raise ValueError(
+                f"frozen_head must be one of {list(FROZEN_HEADS)}, got '{frozen_head}'"
+            )
         self.unfreeze_at_epoch = unfreeze_at_epoch
         self.every_n_epochs = every_n_epochs
         self.milestones = {int(k): list(v) for k, v in (milestones or {}).items()} or None

@@ -74,7 +74,11 @@ def fit_head_with_probe(module: Any) -> Any:
 
 
 def probe_head(
-    module: Any, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor
+    module: Any,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
 ) -> Any:
     """Sweep the L-BFGS probe on given features and copy the chosen ``(W, b)`` into ``module.head[-1]``.
 
