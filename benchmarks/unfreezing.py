@@ -1,15 +1,20 @@
 """Gradual unfreezing side by side: ours vs Lightning BackboneFinetuning vs finetuning-scheduler vs fastai.
 
-Same protocol for all: scikit-learn digits at 64 px, stratified 60/20/20 split (seed 0), offline
+Same protocol for all: scikit-learn digits at 64 px, stratified 60/20/20 split, offline
 ImageNet EfficientNet-Lite0, 2 frozen epochs (head only) then 4 with the whole network, Adam at
 1e-3 on the head (0.1x on the backbone once it unfreezes), batch 64, fp32 + channels_last. Each
-method runs in its own process, one after the other, on the same number of threads.
+method runs in its own process, one after the other, on the same number of threads. With several
+``--seeds`` (the split seed and the training seed are both the seed) the order of the methods
+rotates per seed (seed k starts at row k * rows / seeds), so the varying load of other processes
+on a shared machine falls on every method alike; the tables give each seed and the mean.
 
-    python benchmarks/unfreezing.py                       # all methods
-    python benchmarks/unfreezing.py --fastai-site DIR     # fastai installed with pip --target DIR
-    python benchmarks/unfreezing.py --ours '{}' '{"bn": "train"}'   # one row per variant of ours
+    python benchmarks/unfreezing.py                       # all methods, seed 0
+    python benchmarks/unfreezing.py --seeds 0 1 2         # three seeds, rotated order
+    python benchmarks/unfreezing.py --fastai-site DIR --fts-site DIR2   # peers pip-installed --target
+    python benchmarks/unfreezing.py --ours '{}' '{"bn": "stats", "frozen_head": "probe"}'   # one row each
 
-fastai is imported from ``--fastai-site`` (or the environment) and skipped when missing.
+fastai and finetuning-scheduler are imported from ``--fastai-site`` / ``--fts-site`` (or the
+environment); a method that fails to import is reported as failed.
 
 Ours trains its frozen epochs on cached features where that is exact (``cache_frozen``, default;
 ``bn: eval``, or ``bn: stats`` after one BatchNorm-statistics pass). Each run starts from an empty
@@ -39,10 +44,13 @@ LABELS = {
 }
 
 
+SEED = 0  # the child's seed: split and training
+
+
 def datamodule():
     from tl_lightning.data.digits import DigitsDataModule
 
-    dm = DigitsDataModule(backbone="efficientnet_lite0", image_size=64, batch_size=64, seed=0)
+    dm = DigitsDataModule(backbone="efficientnet_lite0", image_size=64, batch_size=64, seed=SEED)
     dm.setup("fit")
     return dm
 
@@ -79,7 +87,7 @@ def run_lightning(method: str) -> dict:
 
     from tl_lightning.modules.base import ClassifierModule
 
-    seed_everything(0, workers=True)
+    seed_everything(SEED, workers=True)
     dm = datamodule()
     adam = functools.partial(torch.optim.Adam, lr=LR)
     common = {
@@ -156,7 +164,7 @@ def run_fastai() -> dict:
 
     from tl_lightning.modules.base import ClassifierModule
 
-    seed_everything(0, workers=True)
+    seed_everything(SEED, workers=True)
     dm = datamodule()
     net = ClassifierModule(num_classes=10, backbone="efficientnet_lite0").to(
         memory_format=torch.channels_last
@@ -203,9 +211,11 @@ def run_fastai() -> dict:
     }
 
 
-def child(method: str, threads: int, ours: str) -> None:
+def child(method: str, threads: int, ours: str, seed: int) -> None:
     import torch
 
+    global SEED
+    SEED = seed
     OURS_KWARGS.update(json.loads(ours))
 
     torch.set_num_threads(threads)
@@ -213,66 +223,48 @@ def child(method: str, threads: int, ours: str) -> None:
     print("RESULT " + json.dumps(result))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads per run (the CPU is shared)"
-    )
-    parser.add_argument("--fastai-site", default=None, help="extra sys.path entry holding fastai")
-    parser.add_argument(
+def _label(method: str, ours: str) -> str:
+    return LABELS[method] + (f" {ours}" if method == "ours" and ours != "{}" else "")
+
+
+def _run_one(method: str, ours: str, seed: int, args) -> dict:
+    env = dict(os.environ)
+    env["TL_LIGHTNING_CACHE"] = tempfile.mkdtemp(prefix="tl_unfreezing_cache_")  # cold cache
+    site = {"fastai": args.fastai_site, "fts": args.fts_site}.get(method)
+    if site:  # the peer's packages for its own process only
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [site, env.get("PYTHONPATH")]))
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        method,
+        "--threads",
+        str(args.threads),
         "--ours",
-        nargs="+",
-        default=["{}"],
-        help="JSON of extra GradualUnfreezing arguments; several give one row each",
-    )
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        child(args.child, args.threads, args.ours[0])
-        return
-    rows = {}
-    runs = [
-        (method, ours)
-        for method in args.methods
-        for ours in (args.ours if method == "ours" else ["{}"])
+        ours,
+        "--seeds",
+        str(seed),
     ]
-    for method, ours in runs:
-        label = LABELS[method] + (f" {ours}" if method == "ours" and ours != "{}" else "")
-        env = dict(os.environ)
-        env["TL_LIGHTNING_CACHE"] = tempfile.mkdtemp(prefix="tl_unfreezing_cache_")  # cold cache
-        if method == "fastai" and args.fastai_site:
-            env["PYTHONPATH"] = os.pathsep.join(
-                filter(None, [args.fastai_site, env.get("PYTHONPATH")])
-            )
-        cmd = [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "--child",
-            method,
-            "--threads",
-            str(args.threads),
-            "--ours",
-            ours,
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            rows[label] = {"method": method, "error": tail[0][:120]}
-        else:
-            rows[label] = {"method": method, **json.loads(line[len("RESULT ") :])}
-        print(f"{label}: {rows[label]}", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"method": method, "error": tail[0][:120]}
+    return {"method": method, **json.loads(line[len("RESULT ") :])}
+
+
+def _fastest_peer(rows: dict) -> float | None:
     peers = [
         r["total"]
         for r in rows.values()
         if r["method"] not in ("ours", "feature_extraction") and "total" in r
     ]
-    fastest = min(peers) if peers else None
-    print(
-        f"\nDigits 64 px, EfficientNet-Lite0 (ImageNet), {FROZEN} frozen + {UNFROZEN} unfrozen epochs, "
-        f"Adam {LR:g}, fp32 + channels_last, {args.threads} thread(s)\n"
-    )
+    return min(peers) if peers else None
+
+
+def _seed_table(seed: int, rows: dict) -> None:
+    fastest = _fastest_peer(rows)
+    print(f"\nSeed {seed}\n")
     print(
         "| method | test acc | s/epoch frozen | s/epoch unfrozen | total s | total / fastest peer |"
     )
@@ -292,6 +284,99 @@ def main() -> None:
         print(
             f"| {label} | {r['acc']:.3f} | {frozen:.2f} | {unfrozen} | {r['total']:.1f} | {ratio} |"
         )
+
+
+def _mean_table(seeds: list[int], by_seed: dict[int, dict]) -> None:
+    """Per row: test acc and total s of each seed and their mean; ratios to each seed's fastest peer."""
+    labels = list(next(iter(by_seed.values())))
+    fastest = {s: _fastest_peer(by_seed[s]) for s in seeds}
+    means = {}
+    for label in labels:
+        runs = [by_seed[s].get(label, {}) for s in seeds]
+        if all("total" in r for r in runs):
+            means[label] = (
+                sum(r["acc"] for r in runs) / len(runs),
+                sum(r["total"] for r in runs) / len(runs),
+            )
+    peer_means = [
+        t for label, (_, t) in means.items() if by_seed[seeds[0]][label]["method"] != "ours"
+    ]
+    fastest_mean = min(peer_means) if peer_means else None
+    names = " / ".join(str(s) for s in seeds)
+    print(f"\nAll seeds ({names}; methods in rotated order)\n")
+    print(
+        f"| method | test acc ({names}) | mean acc | total s ({names}) | mean total s "
+        "| total / fastest peer per seed | mean total / fastest peer's mean |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for label in labels:
+        runs = [by_seed[s].get(label, {}) for s in seeds]
+        if label not in means:
+            print(f"| {label} | failed in some seed | | | | | |")
+            continue
+        acc, total = means[label]
+        per_ratio = " / ".join(
+            f"{r['total'] / fastest[s]:.2f}" if fastest[s] else "-"
+            for s, r in zip(seeds, runs, strict=True)
+        )
+        accs = " / ".join(f"{r['acc']:.3f}" for r in runs)
+        totals = " / ".join(f"{r['total']:.1f}" for r in runs)
+        mean_ratio = f"{total / fastest_mean:.2f}" if fastest_mean else "-"
+        print(
+            f"| {label} | {accs} | {acc:.3f} | {totals} | {total:.1f} | {per_ratio} | {mean_ratio} |"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads per run (the CPU is shared)"
+    )
+    parser.add_argument("--fastai-site", default=None, help="extra sys.path entry holding fastai")
+    parser.add_argument(
+        "--fts-site", default=None, help="extra sys.path entry holding finetuning-scheduler"
+    )
+    parser.add_argument(
+        "--ours",
+        nargs="+",
+        default=["{}"],
+        help="JSON of extra GradualUnfreezing arguments; several give one row each",
+    )
+    parser.add_argument(
+        "--seeds", nargs="+", type=int, default=[0], help="split and training seeds, one pass each"
+    )
+    parser.add_argument("--json", default=None, help="also write every run's result to this file")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.threads, args.ours[0], args.seeds[0])
+        return
+    runs = [
+        (method, ours)
+        for method in args.methods
+        for ours in (args.ours if method == "ours" else ["{}"])
+    ]
+    by_seed: dict[int, dict] = {}
+    for k, seed in enumerate(args.seeds):
+        # rotated, the starts spread over the list: each row runs early, midway and late
+        shift = k * len(runs) // len(args.seeds)
+        results = {}
+        for method, ours in runs[shift:] + runs[:shift]:
+            label = _label(method, ours)
+            results[label] = _run_one(method, ours, seed, args)
+            print(f"seed {seed} {label}: {results[label]}", file=sys.stderr, flush=True)
+        by_seed[seed] = {_label(m, o): results[_label(m, o)] for m, o in runs}  # table order
+        if args.json:
+            Path(args.json).write_text(json.dumps(by_seed, indent=1))
+    print(
+        f"\nDigits 64 px, EfficientNet-Lite0 (ImageNet), {FROZEN} frozen + {UNFROZEN} unfrozen epochs, "
+        f"Adam {LR:g}, fp32 + channels_last, {args.threads} thread(s)"
+    )
+    for seed in args.seeds:
+        _seed_table(seed, by_seed[seed])
+    if len(args.seeds) > 1:
+        _mean_table(args.seeds, by_seed)
 
 
 if __name__ == "__main__":

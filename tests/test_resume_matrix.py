@@ -421,6 +421,9 @@ CONFIG_CASES = {
         "digits/fine_tune_fastai.yaml", CONV4, 3),
     "digits/fine_tune_fastai (GradualUnfreezing, killed in the unfrozen phase, in warm-up)": (
         "digits/fine_tune_fastai.yaml", [*CONV4, "--trainer.callbacks.warmup_steps=3"], 7),
+    # frozen_head: probe: the head is the L-BFGS probe's at step 0; the resumed run must not refit
+    "digits/fine_tune_fastai (GradualUnfreezing, frozen_head probe, killed in the frozen phase)": (
+        "digits/fine_tune_fastai.yaml", [*CONV4, "--trainer.callbacks.frozen_head=probe"], 3),
     "quickstart (FeatureExtraction, cached)": ("quickstart.yaml", [*RESNET16], 3),
     "quickstart (FeatureExtraction, uncached)": (
         "quickstart.yaml", [*RESNET16, "--model.init_args.cache_features=false"], 3),

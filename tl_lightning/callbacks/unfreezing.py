@@ -20,6 +20,8 @@ from tl_lightning.optim import make_scheduler
 # Frozen BatchNorm layers sit in eval mode on purpose; Lightning's fit-start warning is noise here.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
+FROZEN_HEADS = ("sgd", "probe")
+
 
 class GradualUnfreezing(Callback):
     """Unfreeze a module's ``backbone`` layer groups on a schedule; every param group exists from the start.
@@ -57,6 +59,14 @@ class GradualUnfreezing(Callback):
     DDP (the backbone would get no gradients for DDP to reduce) and, with a reason logged,
     whenever a condition fails.
 
+    **Probe head** (``frozen_head: probe``). With the cache in use, the head is fitted once, at the
+    start of the frozen phase, by the full-batch L-BFGS linear probe on the cached train features
+    (L2 strength chosen on the cached validation features; :mod:`tl_lightning.probe`), instead of
+    by SGD epochs; the remaining frozen steps then change nothing (every gradient is dropped before
+    the optimizer step, so no optimizer state moves either) while the schedule runs on, and the
+    backbone unfreezes on schedule from the probe's head, as LP-FT (Kumar et al. 2022) starts.
+    Where the cache cannot be used (reason logged) the frozen epochs train the head by SGD.
+
     Args:
         unfreeze_at_epoch: unfreeze all groups at this epoch.
         every_n_epochs: unfreeze one more group from the top at epochs n, 2n, 3n...
@@ -81,6 +91,9 @@ class GradualUnfreezing(Callback):
             the steps to the next one, so each phase gets its own cycle (fastai's ``fine_tune``).
         log_lrs: log ``unfreezing/phase`` and ``unfreezing/lr/<group>`` at each epoch start.
         cache_frozen: train the frozen epochs on cached features where that is exact (above).
+        frozen_head: ``sgd`` (default): the frozen epochs train the head with the module's
+            optimizer; ``probe``: fit it once by the L-BFGS probe on the cached features (above;
+            needs a linear head, ignores label smoothing and class weights).
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -88,6 +101,7 @@ class GradualUnfreezing(Callback):
         >>> model = FineTuneModule(num_classes=10, backbone="resnet18", weights=None)
         >>> unfreeze = GradualUnfreezing(milestones={5: ["layer4"], 10: [".*"]}, lr_ratio=0.1)
         >>> trainer = Trainer(max_epochs=20, callbacks=[unfreeze])
+        >>> lp_then_ft = GradualUnfreezing(unfreeze_at_epoch=2, bn="stats", frozen_head="probe")
     """
 
     def __init__(
@@ -106,6 +120,7 @@ class GradualUnfreezing(Callback):
         restart_schedule: bool = False,
         log_lrs: bool = True,
         cache_frozen: bool = True,
+        frozen_head: str = "sgd",
     ):
         given = [x is not None for x in (unfreeze_at_epoch, every_n_epochs, milestones)]
         if sum(given) > 1:
@@ -136,6 +151,10 @@ class GradualUnfreezing(Callback):
             raise ValueError(f"unfrozen_lr_scale must be > 0, got {unfrozen_lr_scale}")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if frozen_head not in FROZEN_HEADS:
+            raise ValueError(
+                f"frozen_head must be one of {list(FROZEN_HEADS)}, got '{frozen_head}'"
+            )
         self.unfreeze_at_epoch = unfreeze_at_epoch
         self.every_n_epochs = every_n_epochs
         self.milestones = {int(k): list(v) for k, v in (milestones or {}).items()} or None
@@ -150,12 +169,15 @@ class GradualUnfreezing(Callback):
         self.restart_schedule = restart_schedule
         self.log_lrs = log_lrs
         self.cache_frozen = cache_frozen
+        self.frozen_head = frozen_head
         self._switchable: list[FrozenPhaseDataset] = []  # the datamodule's train/val sets, wrapped
         # persisted (state_dict): when each group unfroze, which phase the scheduler was built for
         self._unfreeze_step: dict[str, int] = {}
         self._sched_phase: int | None = None
         self._plain_base: dict[int, float] = {}
         self._restored = False
+        self._head_from_probe = False  # frozen_head: probe has fitted the head (persisted)
+        self._head_fixed = False  # this epoch: the probe's head stands, steps drop every gradient
         # per fit: the backbone, the schedule, and where each group lives in the optimizer
         self._backbone: Backbone | None = None
         self._events: list[tuple[int, list[str]]] = []
@@ -220,10 +242,23 @@ class GradualUnfreezing(Callback):
             pl_module.include_frozen_groups = True
         self._apply_freezing(0)
         self._switchable = []
+        if self.frozen_head == "probe":
+            head = getattr(pl_module, "head", None)
+            last = head[-1] if isinstance(head, torch.nn.Sequential) and len(head) else None
+            if not isinstance(last, torch.nn.Linear) or pl_module.hparams.get("head") != "linear":
+                raise ValueError(
+                    "frozen_head: probe fits a linear head; the module has head: "
+                    f"{pl_module.hparams.get('head')!r} (use head: linear, or frozen_head: sgd)"
+                )
         reason = self._why_not_cached(trainer, pl_module)
         if reason:
             if self.cache_frozen and self.phase(0) == 0:
                 rank_zero_info(f"GradualUnfreezing: frozen epochs run on images: {reason}")
+            if self.frozen_head == "probe" and self.phase(0) == 0:
+                rank_zero_info(
+                    f"GradualUnfreezing: frozen_head=probe needs the cached frozen phase ({reason}); "
+                    "the frozen epochs train the head by SGD"
+                )
             return
         datamodule = trainer.datamodule
         # the datamodule owns its datasets: it swaps in the switchable ones itself
@@ -286,6 +321,36 @@ class GradualUnfreezing(Callback):
                 dataset.features = features
         for dataset in self._switchable:
             dataset.use_features.fill_(on)
+        if on and self.frozen_head == "probe":
+            if not self._head_from_probe:  # once per run: a resumed run has it in its checkpoint
+                self._fit_probe_head(pl_module)
+            self._head_fixed = True
+
+    def _fit_probe_head(self, pl_module: LightningModule) -> None:
+        """``frozen_head: probe``: the head from the L-BFGS probe on the cached train/val features."""
+        import numpy as np
+
+        from tl_lightning.modules.probe_init import probe_head
+
+        split = {d.attr_name: d.features for d in self._switchable}
+        if "train_set" not in split or "val_set" not in split:
+            raise ValueError(
+                "frozen_head: probe chooses its L2 on validation features; the datamodule has no "
+                "val_set to cache (set a validation split, or frozen_head: sgd)"
+            )
+
+        def tensors(features) -> tuple[torch.Tensor, torch.Tensor]:
+            return (
+                torch.from_numpy(np.array(features.features, dtype=np.float32)),
+                torch.from_numpy(np.array(features.labels)),
+            )
+
+        result = probe_head(pl_module, *tensors(split["train_set"]), *tensors(split["val_set"]))
+        self._head_from_probe = True
+        rank_zero_info(
+            f"GradualUnfreezing: head fitted by the L-BFGS probe on cached features "
+            f"(l2={result.l2:.3g}, val acc {result.val_acc:.4f}); the frozen steps leave it as is"
+        )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if len(trainer.optimizers) != 1:
@@ -332,6 +397,7 @@ class GradualUnfreezing(Callback):
             self._unfreeze_step.setdefault(name, step)
         newly = [n for n in self.unfrozen_groups(epoch) if n not in self._announced]
         self._apply_freezing(epoch)
+        self._head_fixed = False
         if self._switchable:
             self._use_cache(trainer, pl_module, epoch)
         pl_module.train(pl_module.training)  # re-apply the BN policy to groups that changed
@@ -370,6 +436,10 @@ class GradualUnfreezing(Callback):
         # (no momentum, no weight decay). In ddp_safe mode this is what keeps frozen params fixed.
         for p in self._frozen_params:
             p.grad = None
+        if self._head_fixed:  # the probe solved the head: the frozen-phase steps train nothing
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
 
     @torch.no_grad()
     def _estimate_bn_statistics(self, trainer: Trainer, pl_module: LightningModule, images) -> None:
@@ -598,6 +668,7 @@ class GradualUnfreezing(Callback):
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._restored = False
+        self._head_from_probe = self._head_fixed = False  # a next fit fits its own probe
         datamodule = getattr(trainer, "datamodule", None)
         if self._switchable and hasattr(datamodule, "serve_images"):
             datamodule.serve_images()  # the datamodule takes its image datasets back
@@ -609,12 +680,14 @@ class GradualUnfreezing(Callback):
             "unfreeze_step": dict(self._unfreeze_step),
             "sched_phase": self._sched_phase,
             "plain_base": dict(self._plain_base),
+            "head_from_probe": self._head_from_probe,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._unfreeze_step = dict(state_dict.get("unfreeze_step", {}))
         self._sched_phase = state_dict.get("sched_phase")
         self._plain_base = {int(k): v for k, v in state_dict.get("plain_base", {}).items()}
+        self._head_from_probe = bool(state_dict.get("head_from_probe", False))
         self._restored = True
 
 

@@ -52,8 +52,6 @@ def fit_head_with_probe(module: Any) -> Any:
     The probe trains on the train split's features and picks its L2 on the val split's (never on
     test). Runs on every rank on the same cached features, so DDP ranks start identical.
     """
-    from tl_lightning.probe import sweep_logistic_regression
-
     datamodule = module.trainer.datamodule
     train_set, val_set = (
         getattr(datamodule, "train_set", None),
@@ -70,8 +68,40 @@ def fit_head_with_probe(module: Any) -> Any:
         )
     train_f, train_y = _features(module, train_set, "train")
     val_f, val_y = _features(module, val_set, "val")
-    result = sweep_logistic_regression(train_f, train_y, val_f, val_y, module.hparams.num_classes)
+    result = probe_head(module, train_f, train_y, val_f, val_y)
+    rank_zero_info(f"LP-FT: probe head fitted (l2={result.l2:g}, val acc {result.val_acc:.4f})")
+    return result
+
+
+def probe_head(
+    module: Any,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
+) -> Any:
+    """Sweep the L-BFGS probe on given features and copy the chosen ``(W, b)`` into ``module.head[-1]``.
+
+    The one way a module's linear head is set from a probe (LP-FT's ``init_head: probe`` and
+    GradualUnfreezing's ``frozen_head: probe``). ``l2`` is chosen on ``val_x``/``val_y`` only.
+    Returns the sweep's ``ProbeResult``.
+
+    Example::
+
+        result = probe_head(module, train_features, train_labels, val_features, val_labels)
+        result.l2, result.val_acc
+    """
+    from tl_lightning.probe import sweep_logistic_regression
+
     linear = module.head[-1]
+    device = linear.weight.device
+    result = sweep_logistic_regression(
+        train_x.to(device),
+        train_y.to(device),
+        val_x.to(device),
+        val_y.to(device),
+        module.hparams.num_classes,
+    )
     with torch.no_grad():
         linear.weight.copy_(
             torch.as_tensor(result.weight, dtype=linear.weight.dtype).reshape(linear.weight.shape)
@@ -79,5 +109,4 @@ def fit_head_with_probe(module: Any) -> Any:
         linear.bias.copy_(
             torch.as_tensor(result.bias, dtype=linear.bias.dtype).reshape(linear.bias.shape)
         )
-    rank_zero_info(f"LP-FT: probe head fitted (l2={result.l2:g}, val acc {result.val_acc:.4f})")
     return result
