@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tl_lightning.advisor.bn_stats import BatchNormInputs
-from tl_lightning.advisor.ridge import choose_ridge_l2, fit_ridge
+from tl_lightning.advisor.ridge import choose_ridge_l2, kfold_ridge_logits
 from tl_lightning.data.split import stratified_split
 
 
@@ -59,14 +59,13 @@ def kfold_probe_accuracy(
     """
     y = labels.numpy()
     parts = fold_indices(y, folds, seed)
-    correct, l2 = 0, None
-    for k, held in enumerate(parts):
-        rest = np.concatenate([p for j, p in enumerate(parts) if j != k])
-        if l2 is None:
-            l2 = choose_ridge_l2(features[rest], labels[rest], num_classes)
-        weight, bias = fit_ridge(features[rest], labels[rest], num_classes, l2)
-        logits = features[held].float() @ weight.T + bias
-        correct += int((logits.argmax(1) == labels[held]).sum())
+    first_rest = np.concatenate(parts[1:])
+    l2 = choose_ridge_l2(features[first_rest], labels[first_rest], num_classes)
+    logits = kfold_ridge_logits(features, labels, num_classes, parts, l2)
+    correct = sum(
+        int((scores.argmax(1) == labels[held]).sum())
+        for scores, held in zip(logits, parts, strict=True)
+    )
     return correct / len(y)
 
 
