@@ -73,8 +73,8 @@ def kfold_ridge_logits(
 
     When every training part has no more samples than dimensions (the dual solve), the folds
     share one Gram matrix ``X X^T`` of all samples, computed once: a fold's centred Gram and its
-    held-out rows are read from it (``(X_H - mu)(X_R - mu)^T`` expands into blocks and row means
-    of ``X X^T``), instead of a product of the features per fold. Else each fold is fit as is.
+    held-out rows are read from it (``(X_R - mu)(X_R - mu)^T`` and ``X_H (X_R - mu)^T`` expand
+    into blocks and row means of ``X X^T``), instead of a product of the features per fold. Else each fold is fit as is.
     """
     n, d = features.shape
     parts = [torch.as_tensor(p) for p in parts]
@@ -102,7 +102,9 @@ def kfold_ridge_logits(
         y = onehot[rest]
         y_mean = y.mean(0)
         alpha = torch.cholesky_solve(y - y_mean, torch.linalg.cholesky(centred))
-        cross = g_hr - g_hr.mean(1, keepdim=True) - a[None, :] + c
+        # (X_H - mu)(X_R - mu)^T less its per-row constant X_H . mu: a constant row shift
+        # meets 1^T alpha = 0 (alpha = (K + lam I)^-1 Yc, K 1 = 0, Yc centred)
+        cross = g_hr - a[None, :]
         out.append((cross @ alpha + y_mean).float())
     return out
 
