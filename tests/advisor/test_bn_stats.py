@@ -87,7 +87,9 @@ def test_shift_is_the_formula_over_the_moments():
             np.mean(
                 np.abs(mean - m.running_mean.double().numpy())
                 / np.sqrt(m.running_var.double().numpy() + m.eps)
-                + np.abs(np.log(np.sqrt(var + m.eps) / np.sqrt(m.running_var.double().numpy() + m.eps)))
+                + np.abs(
+                    np.log(np.sqrt(var + m.eps) / np.sqrt(m.running_var.double().numpy() + m.eps))
+                )
             )
             for m, (mean, var) in zip(layers, expected, strict=True)
         ]

@@ -17,7 +17,9 @@ def test_epoch_seconds_by_hand():
     assert abs(t.epoch_seconds("full_finetune") - (10 * 1.05 + val)) < 1e-12
     assert t.epoch_seconds("gradual_unfreezing") == t.epoch_seconds("full_finetune")
     # fine-tuning validates at the training precision; feature extraction at its own
-    t = Timing(forward=0.1, last=0.3, full=1.0, train_steps=10, val_steps=4, load=0.0, val_forward=0.4)
+    t = Timing(
+        forward=0.1, last=0.3, full=1.0, train_steps=10, val_steps=4, load=0.0, val_forward=0.4
+    )
     assert abs(t.epoch_seconds("feature_extraction") - (10 * 0.1 + 4 * 0.1)) < 1e-12
     assert abs(t.epoch_seconds("full_finetune") - (10 * 1.0 + 4 * 0.4)) < 1e-12
     assert abs(t.epoch_seconds("last_groups") - (10 * 0.3 + 4 * 0.4)) < 1e-12
@@ -88,12 +90,16 @@ def test_only_what_the_embedding_did_not_measure_is_timed(monkeypatch):
     batches = [(torch.randn(2, 3, 16, 16), torch.randint(0, 3, (2,))) for _ in range(3)]
     # the embedding's forward at the training precision: only the two training steps run, and
     # only the first (every group trainable) has a warm-up step
-    t = measure_timing(bb, batches, 3, 5, 2, "32-true", frozen_forward=0.25, frozen_precision="32-true")
+    t = measure_timing(
+        bb, batches, 3, 5, 2, "32-true", frozen_forward=0.25, frozen_precision="32-true"
+    )
     assert calls == [1, 0]
     assert (t.full, t.last, t.forward, t.val_forward) == (1.5, 2.5, 0.25, None)
     # another precision than training's: the eval forward at the training precision is timed
     calls.clear()
-    t = measure_timing(bb, batches, 3, 5, 2, "32-true", frozen_forward=0.25, frozen_precision="bf16-mixed")
+    t = measure_timing(
+        bb, batches, 3, 5, 2, "32-true", frozen_forward=0.25, frozen_precision="bf16-mixed"
+    )
     assert calls == [1, 0, 0] and (t.forward, t.val_forward) == (0.25, 3.5)
     # nothing from the embedding (a feature cache hit): the frozen forward is timed too
     calls.clear()
