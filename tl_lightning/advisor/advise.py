@@ -30,7 +30,7 @@ from tl_lightning.advisor.rule import (
     advised_batch_size,
     recommend,
 )
-from tl_lightning.advisor.timing import Timing, measure_timing, steps_per_epoch
+from tl_lightning.advisor.timing import Timing, _sync, measure_timing, steps_per_epoch
 from tl_lightning.backbones import build_backbone
 from tl_lightning.feature_cache import cache_key, cached_features, dataset_fingerprint
 from tl_lightning.modules.feature_extraction import weights_fingerprint
@@ -105,11 +105,6 @@ class _TimedForward:
         return sum(self.seconds[1:]) / max(1, num_images - batch_size)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @dataclass
 class Embedding:
     """The training split embedded once: features, labels, the BatchNorm shift over the same
@@ -151,7 +146,8 @@ def embed_train_split(
     feature-extraction fit of the same data reads these features instead of recomputing them. The
     BN statistics are gathered by hooks during the caching pass (eval mode, every training image
     once) and kept beside the features; a cache that lacks them (written by a fit) gets one
-    forward pass over the split to measure them, once.
+    forward pass over the split to measure them, once. ``backbone`` is moved to ``device`` and
+    to channels-last memory format, in place.
     """
     dataset = datamodule.train_set
     key = cache_key(
