@@ -126,7 +126,9 @@ def test_saved_statistics_load_back_and_only_into_the_same_layers(tmp_path):
 
 def test_a_network_in_train_mode_is_refused():
     net = tiny_net().train()
-    with torch.no_grad(), BatchNormInputs(net):
+    before = [m.running_mean.clone() for m in net if hasattr(m, "running_mean")]
+    with torch.no_grad(), BatchNormInputs(net), pytest.raises(RuntimeError, match="eval mode"):
         net(torch.randn(4, 3, 6, 6))
-        with pytest.raises(RuntimeError, match="eval mode"):
-            net(torch.randn(4, 3, 6, 6))
+    # refused before the first layer normalised anything: no running statistic moved
+    after = [m.running_mean for m in net if hasattr(m, "running_mean")]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
