@@ -117,9 +117,10 @@ def advice_breakdown(args) -> None:
                 dm = subset_datamodule(dataset, fraction, args.image_size)
                 a = advise(dm, budget_minutes=args.budget / 60, out=None, cache_dir=tmp)
                 bb = build_backbone(dm.hparams.backbone, weights=dm.hparams.weights)
-                x, y = embed_train_split(
+                emb = embed_train_split(
                     bb, dm, mixed_precision_for("cpu"), torch.device("cpu"), tmp
                 )
+                x, y = emb.features, emb.labels
             start = time.perf_counter()
             logistic_kfold(x, y, dm.num_classes, a.distance.folds)
             old_probe = time.perf_counter() - start

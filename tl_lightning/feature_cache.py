@@ -46,6 +46,7 @@ class FeatureDataset(Dataset):
     deterministic = True  # no random draws: SeededSamples reads it without per-sample RNG streams
 
     def __init__(self, folder: Path):
+        self.folder = folder  # the cache's own folder (others may keep measurements beside it)
         self.features = np.load(folder / "features.npy", mmap_mode="r")
         self.labels = np.load(folder / "labels.npy")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tl_lightning.advisor import advise
@@ -100,3 +101,82 @@ def test_config_moves_backbone_to_the_model_and_sets_the_advised_values():
         and last["model"]["init_args"]["bn"] == "eval"
     )
     assert "callbacks" not in last["trainer"]
+
+
+def _independent_bn_shift(backbone, dataset, precision: str, batch_size: int) -> float:
+    """Every BN layer's input over the whole split (dataset order, eval mode, the embedding's
+    precision and memory layout), summed in float64 by hand, and the shift formula."""
+    import torch
+
+    from tl_lightning.advisor.bn_stats import batchnorm_layers
+
+    layers = batchnorm_layers(backbone)
+    sums = {name: [0, 0.0, 0.0] for name in layers}
+
+    def hook(name):
+        def record(module, args):
+            x = args[0].double().transpose(0, 1).reshape(args[0].shape[1], -1)
+            s = sums[name]
+            s[0] += x.shape[1]
+            s[1] = s[1] + x.sum(1)
+            s[2] = s[2] + (x * x).sum(1)
+
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in layers.items()]
+    backbone.eval().to(memory_format=torch.channels_last)
+    dtype = torch.bfloat16 if precision.startswith("bf16") else None
+    with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        for start in range(0, len(dataset), batch_size):
+            idx = range(start, min(start + batch_size, len(dataset)))
+            backbone(torch.stack([dataset[i][0] for i in idx]))
+    for h in handles:
+        h.remove()
+    per_layer = []
+    for name, m in layers.items():
+        n, s1, s2 = sums[name]
+        mean, var = s1 / n, s2 / n - (s1 / n) ** 2
+        mu_run, sd_run = m.running_mean.double(), (m.running_var.double() + m.eps).sqrt()
+        sd = (var + m.eps).sqrt()
+        per_layer.append(((mean - mu_run).abs() / sd_run + (sd / sd_run).log().abs()).mean())
+    return float(torch.stack(per_layer).mean())
+
+
+def test_the_bn_shift_is_measured_over_the_whole_training_split_cached_or_not(tmp_path):
+    import torch
+
+    from tl_lightning.advisor.advise import embed_train_split
+    from tl_lightning.advisor.bn_stats import BN_STATS_FILE
+    from tl_lightning.backbones import build_backbone
+    from tl_lightning.precision import mixed_precision_for
+
+    pretrained = {**SMALL, "backbone": "efficientnet_lite0", "weights": "DEFAULT"}
+    dm = DigitsDataModule(**{**pretrained, "split": (0.1, 0.45, 0.45)})
+    dm.setup("fit")
+    cpu, precision, cache = torch.device("cpu"), mixed_precision_for("cpu"), tmp_path / "cache"
+
+    def embed():
+        return embed_train_split(
+            build_backbone("efficientnet_lite0", weights="DEFAULT"), dm, precision, cpu, cache
+        )
+
+    expected = _independent_bn_shift(
+        build_backbone("efficientnet_lite0", weights="DEFAULT"),
+        dm.train_set,
+        precision,
+        dm.batch_size,
+    )
+    cold = embed()  # computes the features and, in the same pass, the BN statistics
+    assert cold.bn_shift == pytest.approx(expected, abs=1e-6)
+    assert cold.forward_per_image > 0
+    [folder] = _caches(cache)
+    assert (folder / BN_STATS_FILE).is_file()
+
+    hit = embed()  # features and statistics both read back: no pass at all
+    assert hit.bn_shift == cold.bn_shift and hit.forward_per_image is None
+    assert torch.equal(hit.features, cold.features)
+
+    (folder / BN_STATS_FILE).unlink()  # as a feature-extraction fit leaves its cache
+    again = embed()
+    assert again.bn_shift == pytest.approx(expected, abs=1e-6)
+    assert (folder / BN_STATS_FILE).is_file() and _caches(cache) == [folder]

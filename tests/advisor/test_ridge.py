@@ -8,7 +8,12 @@ import torch
 
 from tl_lightning.advisor import distance
 from tl_lightning.advisor.distance import fold_indices, kfold_probe_accuracy
-from tl_lightning.advisor.ridge import choose_ridge_l2, fit_ridge, ridge_loo_accuracy
+from tl_lightning.advisor.ridge import (
+    choose_ridge_l2,
+    fit_ridge,
+    kfold_ridge_logits,
+    ridge_loo_accuracy,
+)
 
 
 def _data(n: int, d: int, classes: int = 3, seed: int = 0):
@@ -88,8 +93,11 @@ def test_folds_partition_the_samples_and_keep_class_proportions():
         assert np.bincount(y[part], minlength=3).tolist() == [4, 2, 1]
 
 
-def test_kfold_probe_equals_an_explicit_loop_of_held_out_fits(monkeypatch):
-    x, y = _data(45, 10, seed=5)
+# primal (every training part has more samples than dimensions: one fit per fold) and dual (the
+# folds share one Gram matrix of all samples)
+@pytest.mark.parametrize("n,d", [(45, 10), (45, 40)])
+def test_kfold_probe_equals_an_explicit_loop_of_held_out_fits(monkeypatch, n, d):
+    x, y = _data(n, d, seed=5)
     monkeypatch.setattr(distance, "choose_ridge_l2", lambda *a, **k: 0.2)
     xn, yn = x.double().numpy(), y.numpy()
     correct = 0
@@ -98,6 +106,18 @@ def test_kfold_probe_equals_an_explicit_loop_of_held_out_fits(monkeypatch):
         w, b = _lstsq_ridge(xn[rest], yn[rest], 3, _absolute(xn[rest], 0.2))
         correct += int((np.argmax(xn[held] @ w.T + b, 1) == yn[held]).sum())
     assert kfold_probe_accuracy(x, y, 3, folds=3) == pytest.approx(correct / len(yn))
+
+
+@pytest.mark.parametrize("n,d", [(45, 10), (45, 40)])
+def test_kfold_held_out_scores_equal_independent_fits(n, d):
+    x, y = _data(n, d, seed=6)
+    parts = fold_indices(y.numpy(), 3)
+    xn, yn = x.double().numpy(), y.numpy()
+    got = kfold_ridge_logits(x, y, 3, parts, 0.3)
+    for held, scores in zip(parts, got, strict=True):
+        rest = np.setdiff1d(np.arange(n), held)
+        w, b = _lstsq_ridge(xn[rest], yn[rest], 3, _absolute(xn[rest], 0.3))
+        np.testing.assert_allclose(scores.numpy(), xn[held] @ w.T + b, rtol=1e-4, atol=1e-5)
 
 
 def test_the_strength_is_picked_once_on_the_first_training_part_only(monkeypatch):

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tl_lightning.advisor.bn_stats import BN_STATS_FILE, BatchNormInputs
 from tl_lightning.advisor.config import advised_config, write_config
 from tl_lightning.advisor.describe import DataDescription, describe_data
 from tl_lightning.advisor.distance import (
     Distance,
-    batchnorm_shift,
     choose_folds,
     kfold_knn_accuracy,
     kfold_probe_accuracy,
@@ -30,15 +30,13 @@ from tl_lightning.advisor.rule import (
     advised_batch_size,
     recommend,
 )
-from tl_lightning.advisor.timing import Timing, measure_timing, steps_per_epoch
+from tl_lightning.advisor.timing import Timing, _sync, measure_timing, steps_per_epoch
 from tl_lightning.backbones import build_backbone
 from tl_lightning.feature_cache import cache_key, cached_features, dataset_fingerprint
 from tl_lightning.modules.feature_extraction import weights_fingerprint
 from tl_lightning.precision import mixed_precision_for
 
 log = logging.getLogger(__name__)
-
-BN_BATCHES = 4  # batches whose BatchNorm input statistics are compared with the pretrained ones
 
 
 @dataclass
@@ -53,7 +51,8 @@ class Advice:
     config: dict
     config_path: Path | None
     seconds: float  # wall time of the whole advice
-    phases: dict[str, float]  # seconds of each part: data, embedding, probe, knn, bn, timing, rest
+    phases: dict[str, float]  # seconds of each part: data, embedding (+ BN statistics), probe, knn,
+    # timing, config
 
 
 def data_section(datamodule) -> dict:
@@ -82,11 +81,73 @@ def _forward_context(precision: str, device: torch.device):
     return nullcontext
 
 
-def embed_train_split(backbone, datamodule, precision: str, device: torch.device, cache_dir=None):
-    """Features and labels of the training split, from the feature cache (filled when absent).
+class _TimedForward:
+    """A ``forward_context`` for :func:`cached_features` that also times each backbone call."""
+
+    def __init__(self, inner, device: torch.device):
+        self.inner, self.device, self.seconds = inner, device, []
+
+    @contextlib.contextmanager
+    def __call__(self):
+        _sync(self.device)
+        start = time.perf_counter()
+        with self.inner():
+            yield
+        _sync(self.device)
+        self.seconds.append(time.perf_counter() - start)
+
+    def per_image(self, num_images: int, batch_size: int) -> float | None:
+        """Seconds per image of the timed calls, the first (warm-up) left out when there are more."""
+        if not self.seconds:
+            return None
+        if len(self.seconds) == 1:
+            return self.seconds[0] / max(1, min(num_images, batch_size))
+        return sum(self.seconds[1:]) / max(1, num_images - batch_size)
+
+
+@dataclass
+class Embedding:
+    """The training split embedded once: features, labels, the BatchNorm shift over the same
+    images, and the frozen forward's seconds per image (``None`` on a cache hit)."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    bn_shift: float
+    forward_per_image: float | None
+
+
+@torch.inference_mode()
+def _frozen_pass(backbone, dataset, batch_size: int, device: torch.device, forward_context):
+    """One eval-mode forward pass over ``dataset`` whose outputs are dropped: the BatchNorm
+    statistics when the features were cached without them (by a feature-extraction fit)."""
+    from torch.utils.data import DataLoader
+
+    from tl_lightning.data.decode import skip_failed_collate
+
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=skip_failed_collate)
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        for batch in loader:
+            if batch:
+                with forward_context():
+                    backbone(batch[0].to(device))
+    finally:
+        backbone.train(was_training)
+
+
+def embed_train_split(
+    backbone, datamodule, precision: str, device: torch.device, cache_dir=None
+) -> Embedding:
+    """Features and labels of the training split, from the feature cache (filled when absent), and
+    the BatchNorm input statistics of the same pass.
 
     The key is the one :class:`FeatureExtractionModule` uses under ``precision``, so a
-    feature-extraction fit of the same data reads these features instead of recomputing them.
+    feature-extraction fit of the same data reads these features instead of recomputing them. The
+    BN statistics are gathered by hooks during the caching pass (eval mode, every training image
+    once) and kept beside the features; a cache that lacks them (written by a fit) gets one
+    forward pass over the split to measure them, once. ``backbone`` is moved to ``device`` and
+    to channels-last memory format, in place.
     """
     dataset = datamodule.train_set
     key = cache_key(
@@ -99,18 +160,31 @@ def embed_train_split(backbone, datamodule, precision: str, device: torch.device
         dtype="float32",
         precision=precision,
     )
-    cache = cached_features(
-        backbone.to(device),
-        dataset,
-        key=key,
-        cache_dir=cache_dir,
-        batch_size=datamodule.batch_size,
-        device=device,
-        forward_context=_forward_context(precision, device),
-        desc="embedding the training split",
-    )
-    return torch.from_numpy(np.array(cache.features, dtype=np.float32)), torch.from_numpy(
-        cache.labels
+    # channels-last, as a fit's module converts its backbone (3-4x faster convolutions on CPU)
+    backbone = backbone.to(device).to(memory_format=torch.channels_last)
+    timed = _TimedForward(_forward_context(precision, device), device)
+    with BatchNormInputs(backbone) as bn:
+        cache = cached_features(
+            backbone,
+            dataset,
+            key=key,
+            cache_dir=cache_dir,
+            batch_size=datamodule.batch_size,
+            device=device,
+            forward_context=timed,
+            desc="embedding the training split",
+        )
+        stats_file = cache.folder / BN_STATS_FILE
+        if bn.seen:  # the features were computed in this pass
+            bn.save(stats_file)
+        elif not bn.load(stats_file):
+            _frozen_pass(backbone, dataset, datamodule.batch_size, device, timed)
+            bn.save(stats_file)
+    return Embedding(
+        torch.from_numpy(np.array(cache.features, dtype=np.float32)),
+        torch.from_numpy(cache.labels),
+        bn.shift(),
+        timed.per_image(len(dataset), datamodule.batch_size),
     )
 
 
@@ -138,7 +212,7 @@ def advise(
     datamodule,
     budget_minutes: float = 10.0,
     folds: int = 5,
-    timing_batches: int = 4,
+    timing_batches: int = 3,
     lr_find: bool = False,
     lr_find_steps: int = 50,
     out: str | Path | None = "advised.yaml",
@@ -153,8 +227,8 @@ def advise(
         datamodule: the data, with ``backbone``/``weights`` set to the pretrained network to use.
         budget_minutes: training time you can spend; epochs are fitted to it on measured timings.
         folds: k of the k-fold linear probe and k-NN (fewer when the smallest class is smaller).
-        timing_batches: training batches timed per strategy, at most (the first only warms up;
-            timing stops once two steps agree within 10 %).
+        timing_batches: training batches timed per strategy, at most (the full fine-tuning step's
+            first only warms up; timing stops once two steps agree within 10 %).
         lr_find: run Lightning's LR range test on the advised model for the learning rate.
         lr_find_steps: training steps of that test (Lightning's ``num_training``).
         out: where to write the advised config (``None``: do not write).
@@ -190,22 +264,19 @@ def advise(
     lap("data")
 
     fe_precision = mixed_precision_for(device)  # what `precision: mixed` gives a feature extraction
-    features, labels = embed_train_split(backbone, datamodule, fe_precision, device, cache_dir)
+    embedding = embed_train_split(backbone, datamodule, fe_precision, device, cache_dir)
+    features, labels = embedding.features, embedding.labels
     lap("embedding")
     k = choose_folds(labels.numpy(), folds)
     probe_acc = kfold_probe_accuracy(features, labels, datamodule.num_classes, k)
     lap("probe")
     knn_acc = kfold_knn_accuracy(features, labels, datamodule.num_classes, k)
     lap("knn")
+    distance = Distance(probe_acc=probe_acc, knn_acc=knn_acc, bn_shift=embedding.bn_shift, folds=k)
+
     batch_size = advised_batch_size(description.num_train, datamodule.batch_size)
     batches, load = _train_batches(datamodule, max(2, timing_batches), batch_size)
-    with _forward_context(fe_precision, device)():
-        shift = batchnorm_shift(
-            backbone.to(device), [x.to(device) for x, _ in batches[:BN_BATCHES]]
-        )
-    distance = Distance(probe_acc=probe_acc, knn_acc=knn_acc, bn_shift=shift, folds=k)
-    lap("bn")
-
+    per_image = embedding.forward_per_image
     train_precision = "32-true" if device.type == "cpu" else fe_precision
     timing = measure_timing(
         backbone,
@@ -216,6 +287,8 @@ def advise(
         precision=train_precision,
         device=device,
         load=load,
+        frozen_forward=None if per_image is None else per_image * batch_size,
+        frozen_precision=fe_precision,
     )
     lap("timing")
     evidence = Evidence(

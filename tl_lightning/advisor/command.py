@@ -123,7 +123,7 @@ def main(argv: list[str]) -> Advice:
     parser.add_argument("--budget_minutes", type=float, default=10.0, help="training time to spend")
     parser.add_argument("--folds", type=int, default=5, help="k of the k-fold probe and k-NN")
     parser.add_argument(
-        "--timing_batches", type=int, default=4, help="batches timed per strategy, at most"
+        "--timing_batches", type=int, default=3, help="batches timed per strategy, at most"
     )
     parser.add_argument(
         "--lr_find", action="store_true", help="pick the LR with Lightning's lr_find"

@@ -5,8 +5,8 @@ Three measures of one frozen backbone on the training split, all in seconds once
 - a k-fold linear probe (closed-form ridge on one-hot targets, :mod:`.ridge`; its strength picked
   by leave-one-out inside the first training part): what feature extraction can reach;
 - a k-fold k-NN accuracy (cosine): how well the pretrained geometry alone groups the classes;
-- the BatchNorm shift: how far each BN layer's input statistics on these images are from its
-  pretrained running statistics, in units of the running standard deviation. Large values mean
+- the BatchNorm shift (:mod:`.bn_stats`): how far each BN layer's input statistics on these images
+  are from its pretrained running statistics, in units of the running standard deviation. Large values mean
   frozen BN layers normalise these images badly (why ``bn: eval`` hurts on digits and ``stats``
   helps: benchmarks/unfreezing.py).
 """
@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tl_lightning.advisor.ridge import choose_ridge_l2, fit_ridge
+from tl_lightning.advisor.bn_stats import BatchNormInputs
+from tl_lightning.advisor.ridge import choose_ridge_l2, kfold_ridge_logits
 from tl_lightning.data.split import stratified_split
 
 
@@ -58,14 +59,13 @@ def kfold_probe_accuracy(
     """
     y = labels.numpy()
     parts = fold_indices(y, folds, seed)
-    correct, l2 = 0, None
-    for k, held in enumerate(parts):
-        rest = np.concatenate([p for j, p in enumerate(parts) if j != k])
-        if l2 is None:
-            l2 = choose_ridge_l2(features[rest], labels[rest], num_classes)
-        weight, bias = fit_ridge(features[rest], labels[rest], num_classes, l2)
-        logits = features[held].float() @ weight.T + bias
-        correct += int((logits.argmax(1) == labels[held]).sum())
+    first_rest = np.concatenate(parts[1:])
+    l2 = choose_ridge_l2(features[first_rest], labels[first_rest], num_classes)
+    logits = kfold_ridge_logits(features, labels, num_classes, parts, l2)
+    correct = sum(
+        int((scores.argmax(1) == labels[held]).sum())
+        for scores, held in zip(logits, parts, strict=True)
+    )
     return correct / len(y)
 
 
@@ -93,42 +93,15 @@ def kfold_knn_accuracy(
 
 @torch.no_grad()
 def batchnorm_shift(backbone: nn.Module, batches: Iterable[torch.Tensor]) -> float:
-    """Mean over BN layers and channels of ``|mu - mu_run| / sd_run + |log(sd / sd_run)|``.
-
-    ``mu``/``sd`` are a BN layer's input mean and standard deviation per channel over ``batches``
-    with the whole network in eval mode (what a frozen ``bn: eval`` backbone sees); 0 means these
-    images look, to every BN layer, exactly like the pretraining data on average.
-    """
-    layers = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not layers:
-        return 0.0
-    sums: dict[int, list[torch.Tensor]] = {}
-
-    def hook(module, args):
-        x = args[0].detach().float().transpose(0, 1).reshape(args[0].shape[1], -1)
-        s = sums.setdefault(id(module), [0.0, 0.0, 0])
-        s[0] = s[0] + x.sum(1)
-        s[1] = s[1] + (x * x).sum(1)
-        s[2] += x.shape[1]
-
-    handles = [m.register_forward_pre_hook(hook) for m in layers]
+    """:meth:`BatchNormInputs.shift` over a separate pass of ``batches``, the whole network in eval
+    mode (what a frozen ``bn: eval`` backbone sees). ``advise`` gathers the same statistics during
+    its embedding pass instead (no pass of their own)."""
     was_training = backbone.training
     backbone.eval()
     try:
-        for x in batches:
-            backbone(x)
+        with BatchNormInputs(backbone) as bn:
+            for x in batches:
+                backbone(x)
     finally:
-        for h in handles:
-            h.remove()
         backbone.train(was_training)
-    shifts = []
-    for m in layers:
-        total, total_sq, n = sums[id(m)]
-        mean = total / n
-        var = (total_sq / n - mean * mean).clamp(min=0)
-        sd_run = (m.running_var.float() + m.eps).sqrt()
-        sd = (var + m.eps).sqrt()
-        shifts.append(
-            ((mean - m.running_mean.float()).abs() / sd_run + (sd / sd_run).log().abs()).mean()
-        )
-    return float(torch.stack(shifts).mean())
+    return bn.shift()

@@ -66,6 +66,49 @@ def fit_ridge(
     return w.T.float().contiguous(), bias.float()
 
 
+def kfold_ridge_logits(
+    features: Tensor, labels: Tensor, num_classes: int, parts: Sequence, l2: float
+) -> list[Tensor]:
+    """Held-out scores of :func:`fit_ridge` for each part of ``parts``, fit on all the others.
+
+    When every training part has no more samples than dimensions (the dual solve), the folds
+    share one Gram matrix ``X X^T`` of all samples, computed once: a fold's centred Gram and its
+    held-out rows are read from it (``(X_R - mu)(X_R - mu)^T`` and ``X_H (X_R - mu)^T`` expand
+    into blocks and row means of ``X X^T``), instead of a product of the features per fold. Else each fold is fit as is.
+    """
+    n, d = features.shape
+    parts = [torch.as_tensor(p) for p in parts]
+    rests = [torch.cat([p for j, p in enumerate(parts) if j != k]) for k in range(len(parts))]
+    if any(len(r) > d for r in rests):
+        out = []
+        for held, rest in zip(parts, rests, strict=True):
+            weight, bias = fit_ridge(features[rest], labels[rest], num_classes, l2)
+            out.append(features[held].float() @ weight.T + bias)
+        return out
+    if l2 <= 0:
+        raise ValueError(f"l2 must be > 0 (relative ridge strength), got {l2}")
+    x = features.detach().to(torch.float64)
+    gram = x @ x.T
+    onehot = F.one_hot(labels.detach().long(), num_classes).to(torch.float64)
+    out = []
+    for held, rest in zip(parts, rests, strict=True):
+        g_rr = gram[rest][:, rest]
+        g_hr = gram[held][:, rest]
+        a = g_rr.mean(1)  # x_i . mu for the training rows; mu the training mean
+        c = a.mean()  # mu . mu
+        centred = g_rr - a[:, None] - a[None, :] + c
+        scale = float(centred.diagonal().sum()) / len(rest)  # as _centred's
+        centred.diagonal().add_(l2 * max(scale, 1e-12))
+        y = onehot[rest]
+        y_mean = y.mean(0)
+        alpha = torch.cholesky_solve(y - y_mean, torch.linalg.cholesky(centred))
+        # (X_H - mu)(X_R - mu)^T less its per-row constant X_H . mu: a constant row shift
+        # meets 1^T alpha = 0 (alpha = (K + lam I)^-1 Yc, K 1 = 0, Yc centred)
+        cross = g_hr - a[None, :]
+        out.append((cross @ alpha + y_mean).float())
+    return out
+
+
 def ridge_loo_accuracy(
     features: Tensor, labels: Tensor, num_classes: int, grid: Sequence[float] = RIDGE_GRID
 ) -> list[tuple[float, float]]:

@@ -17,8 +17,8 @@ FEW_PER_CLASS = 10
 # Fine-tuning needs a few passes over the data to beat a trained head; fewer fit in the budget:
 # train fewer groups.
 MIN_EPOCHS = 3
-# BatchNorm shift (mean |z| of BN input statistics vs the pretrained running ones, see
-# distance.batchnorm_shift) from which frozen BN layers re-estimate their statistics (``bn: stats``)
+# BatchNorm shift (mean |z| of BN input statistics over the training split vs the pretrained
+# running ones, see bn_stats.BatchNormInputs.shift) from which frozen BN layers re-estimate their statistics (``bn: stats``)
 # and the data count as far from the pretraining. Calibrated on unlabelled images only, for
 # EfficientNet-Lite0: crops of scikit-image's natural photos give 0.90 / 0.57 / 0.30 at 32 / 64 /
 # 224 px, Gaussian noise 1.5 / 1.3 / 1.3; 1.0 is above natural photos at every size.
