@@ -30,7 +30,7 @@ from tl_lightning.advisor.rule import (
     advised_batch_size,
     recommend,
 )
-from tl_lightning.advisor.timing import Timing, _sync, measure_timing, steps_per_epoch
+from tl_lightning.advisor.timing import Timing, measure_timing, steps_per_epoch, wait_for_device
 from tl_lightning.backbones import build_backbone
 from tl_lightning.feature_cache import cache_key, cached_features, dataset_fingerprint
 from tl_lightning.modules.feature_extraction import weights_fingerprint
@@ -89,11 +89,11 @@ class _TimedForward:
 
     @contextlib.contextmanager
     def __call__(self):
-        _sync(self.device)
+        wait_for_device(self.device)
         start = time.perf_counter()
         with self.inner():
             yield
-        _sync(self.device)
+        wait_for_device(self.device)
         self.seconds.append(time.perf_counter() - start)
 
     def per_image(self, num_images: int, batch_size: int) -> float | None:

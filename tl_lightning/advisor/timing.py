@@ -58,7 +58,9 @@ def _autocast(precision: str, device: torch.device):
     return nullcontext()
 
 
-def _sync(device: torch.device) -> None:
+def wait_for_device(device: torch.device) -> None:
+    """Block until ``device`` has finished its queued work (a GPU runs asynchronously), so a
+    clock read after it times the work, not its launch."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -73,10 +75,10 @@ def _median_step(step, batches: list, device: torch.device, warm_up: int = 1) ->
     once two timed steps agree within ``STABLE`` (then their mean)."""
     times = []
     for x, y in batches:
-        _sync(device)
+        wait_for_device(device)
         start = time.perf_counter()
         step(x, y)
-        _sync(device)
+        wait_for_device(device)
         times.append(time.perf_counter() - start)
         timed = times[warm_up:]  # a warm-up step pays for kernels, allocators, optimizer state
         if len(timed) == 2 and abs(timed[0] - timed[1]) <= STABLE * min(timed):
