@@ -134,3 +134,23 @@ def test_milestones_and_unfrozen_lr_scale():
     assert steps[0]["lrs"]["head"] == pytest.approx(LR)
     assert steps[1]["lrs"]["head"] == pytest.approx(LR * 0.5)  # fastai's halving once unfrozen
     assert steps[2]["lrs"]["backbone.layer2"] == pytest.approx(LR * 0.5)
+
+
+def test_lr_growth_is_backbone_finetunings_per_epoch_multiplier_capped_at_the_head():
+    # layer4 at epoch 1, layer3 at epoch 2; ratio 0.1, growth 1.5 per epoch after each unfreezes
+    callback = GradualUnfreezing(
+        milestones={1: ["layer4"], 2: ["layer3"]}, lr_ratio=0.1, lr_growth=1.5, log_lrs=False
+    )
+    steps = fit(callback, max_epochs=9, batches=1)
+    for s in steps:
+        assert s["lrs"]["head"] == pytest.approx(LR)
+        for name, start in (("layer4", 1), ("layer3", 2)):
+            lr = s["lrs"][f"backbone.{name}"]
+            if s["epoch"] < start:
+                assert lr == 0.0
+            else:  # Lightning's BackboneFinetuning: 0.1 lr, x1.5 each epoch, at most the head's lr
+                expected = LR * 0.1
+                for _ in range(s["epoch"] - start):
+                    expected = min(expected * 1.5, LR)
+                assert lr == pytest.approx(expected), (s["epoch"], name)
+    assert steps[-1]["lrs"]["backbone.layer4"] == pytest.approx(LR)  # 0.1 * 1.5**7 > 1: capped

@@ -79,6 +79,9 @@ class GradualUnfreezing(Callback):
         group_lrs: explicit LRs by group name or regex; win over the above.
         unfrozen_lr_scale: multiplies every LR, head included, once the first group unfreezes
             (fastai's ``fine_tune`` halves: 0.5).
+        lr_growth: multiply an unfrozen group's LR by this once per epoch after it unfroze,
+            never above the head's LR (Lightning's ``BackboneFinetuning`` grows 1.5x per epoch by
+            default: ``lr_growth: 1.5``); 1.0 keeps it constant.
         warmup_steps: ramp a newly unfrozen group's LR linearly from 0 over this many steps.
         bn: BatchNorm policy of frozen groups: ``eval`` (stats and affine fixed), ``train``
             (both adapt), ``affine`` (affine params train at the group's LR), ``stats``
@@ -114,6 +117,7 @@ class GradualUnfreezing(Callback):
         lr_spread: float | None = None,
         group_lrs: dict[str, float] | None = None,
         unfrozen_lr_scale: float = 1.0,
+        lr_growth: float = 1.0,
         warmup_steps: int = 0,
         bn: str = "eval",
         ddp_safe: bool | None = None,
@@ -149,6 +153,8 @@ class GradualUnfreezing(Callback):
             raise ValueError(f"lr_decay must be in (0, 1], got {lr_decay}")
         if unfrozen_lr_scale <= 0:
             raise ValueError(f"unfrozen_lr_scale must be > 0, got {unfrozen_lr_scale}")
+        if lr_growth <= 0:
+            raise ValueError(f"lr_growth must be > 0, got {lr_growth}")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if frozen_head not in FROZEN_HEADS:
@@ -163,6 +169,7 @@ class GradualUnfreezing(Callback):
         self.lr_spread = lr_spread
         self.group_lrs = dict(group_lrs or {})
         self.unfrozen_lr_scale = unfrozen_lr_scale
+        self.lr_growth = lr_growth
         self.warmup_steps = warmup_steps
         self.bn = BNPolicy.parse(bn)  # `auto` is resolved in setup(), once the weights are known
         self.ddp_safe = ddp_safe
@@ -207,6 +214,10 @@ class GradualUnfreezing(Callback):
         """Backbone groups trainable during ``epoch`` (input side first)."""
         on = {n for e, names in self._events if e <= epoch for n in names}
         return [n for n in self._backbone.group_names() if n in on]
+
+    def unfrozen_at(self, group: str) -> int | None:
+        """The epoch backbone ``group`` unfreezes at (None: never)."""
+        return min((e for e, names in self._events if group in names), default=None)
 
     def phase(self, epoch: int) -> int:
         """How many milestones have passed at ``epoch`` (0: only the head trains)."""
@@ -559,13 +570,18 @@ class GradualUnfreezing(Callback):
         on = set(self.unfrozen_groups(epoch))
         scale = self.unfrozen_lr_scale if self.phase(epoch) > 0 else 1.0
         lrs = {}
+        head = self._index.get("head")
         for name, i in self._index.items():
             lr = self._target[i] * scale
             if name.startswith("backbone."):
                 group = name.removeprefix("backbone.")
                 if group not in on:
                     lr = lr if self.bn in (BNPolicy.TRAIN, BNPolicy.AFFINE) else 0.0
-                elif self.warmup_steps:
+                elif self.lr_growth != 1.0:
+                    grown = lr * self.lr_growth ** (epoch - self.unfrozen_at(group))
+                    cap = self._target[head] * scale if head is not None else math.inf
+                    lr = min(grown, max(cap, lr))  # up to the head's LR, never below the start
+                if group in on and self.warmup_steps:
                     start = self._unfreeze_step.get(group, step)
                     lr *= min(1.0, (step - start + 1) / self.warmup_steps)
             lrs[i] = lr
