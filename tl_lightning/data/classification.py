@@ -44,30 +44,13 @@ class ClassificationDataModule(ImageDataModule):
         (1078, 362, 10)
     """
 
-    def __init__(
-        self,
-        source: ImageSource,
-        backbone: str = "efficientnet_lite0",
-        weights: str | None = "DEFAULT",
-        image_size: int | None = None,
-        augment: str = "none",
-        mixup_alpha: float = 0.0,
-        cutmix_alpha: float = 0.0,
-        batch_size: int = 64,
-        num_workers: int | None = None,
-        sampler: str | None = None,
-        seed: int = 0,
-        predict_dir: str | None = None,
-    ):
+    def __init__(self, source: ImageSource, *args, **kwargs):
         if not isinstance(source, ImageSource):
             raise ValueError(
                 f"source must be an ImageSource such as tl_lightning.data.image_folder."
                 f"ImageFolderSource (in YAML: class_path + init_args), got {type(source).__name__}"
             )
-        super().__init__(
-            backbone, weights, image_size, augment, mixup_alpha, cutmix_alpha, batch_size,
-            num_workers, sampler, seed, predict_dir,
-        )  # fmt: skip
+        super().__init__(*args, **kwargs)  # ImageDataModule's arguments, as the CLI shows them
         if "source" in inspect.signature(type(self).__init__).parameters:
             # the source as plain values: a checkpoint's hparams must load with weights_only=True
             self.save_hyperparameters({**self.hparams, "source": source.config()})
