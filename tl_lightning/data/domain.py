@@ -71,18 +71,9 @@ class DomainAdaptationDataModule(ImageDataModule):
         self,
         source: ImageSource,
         target: ImageSource,
-        backbone: str = "efficientnet_lite0",
-        weights: str | None = "DEFAULT",
-        image_size: int | None = None,
-        augment: str = "none",
+        *args,
         target_augment: str | None = None,
-        mixup_alpha: float = 0.0,
-        cutmix_alpha: float = 0.0,
-        batch_size: int = 64,
-        num_workers: int | None = None,
-        sampler: str | None = None,
-        seed: int = 0,
-        predict_dir: str | None = None,
+        **kwargs,
     ):
         for role, side in (("source", source), ("target", target)):
             if not isinstance(side, ImageSource):
@@ -94,10 +85,7 @@ class DomainAdaptationDataModule(ImageDataModule):
             raise ValueError(
                 f"unknown target_augment preset '{target_augment}'; valid: {list(AUGMENT_PRESETS)}"
             )
-        super().__init__(
-            backbone, weights, image_size, augment, mixup_alpha, cutmix_alpha, batch_size,
-            num_workers, sampler, seed, predict_dir,
-        )  # fmt: skip
+        super().__init__(*args, **kwargs)  # ImageDataModule's arguments, as the CLI shows them
         # the sources as plain values: a checkpoint's hparams must load with weights_only=True
         self.save_hyperparameters(
             {**self.hparams, "source": source.config(), "target": target.config()}
