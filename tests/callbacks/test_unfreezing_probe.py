@@ -23,11 +23,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("TL_LIGHTNING_CACHE", str(tmp_path / "cache"))
-
-
 class Heads(Callback):
     """The head's weight at each epoch end, and each epoch's input kind (2: features, 4: images)."""
 
