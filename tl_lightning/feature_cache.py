@@ -50,6 +50,13 @@ class FeatureDataset(Dataset):
         self.features = np.load(folder / "features.npy", mmap_mode="r")
         self.labels = np.load(folder / "labels.npy")
 
+    @classmethod
+    def from_arrays(cls, features: np.ndarray, labels: np.ndarray) -> FeatureDataset:
+        """Features held in memory (computed for this run only, not cached on disk)."""
+        dataset = cls.__new__(cls)
+        dataset.folder, dataset.features, dataset.labels = None, features, labels
+        return dataset
+
     def __len__(self) -> int:
         return len(self.labels)
 

@@ -140,18 +140,31 @@ def test_resume_inside_the_probe_frozen_phase(tmp_path, monkeypatch):
 
 
 def test_stats_policy_probes_the_adapted_features(tmp_path):
-    # bn: stats: the probe sees features under the estimated statistics, as the cached epochs do
+    # bn: stats: the probe sees the features the cached epochs use: train images normalised by
+    # their batch's statistics (batches of 16 in the documented fixed order), validation images by
+    # the estimated statistics
     net, heads, _, dm = fit(tmp_path, 1, bn="stats")
     assert heads.ndim == {0: {2}}
     dm.setup("fit")
     backbone = net.backbone.eval()  # its BatchNorm statistics: the estimated ones
+    n = len(dm.train_set)
+    train = torch.stack([dm.train_set[i][0] for i in range(n)])
+    val = torch.stack([dm.val_set[i][0] for i in range(len(dm.val_set))])
     with torch.no_grad():
-        train = torch.stack([dm.train_set[i][0] for i in range(len(dm.train_set))])
-        val = torch.stack([dm.val_set[i][0] for i in range(len(dm.val_set))])
+        val_features = backbone(val)
+        for m in backbone.modules():  # batch statistics, running ones left as they are
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.train()
+                m.momentum = 0.0
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+        train_features = torch.empty(n, val_features.shape[1])
+        for rows in order.split(16):
+            train_features[rows] = backbone(train[rows])
+        assert not torch.allclose(train_features, backbone.eval()(train), atol=1e-3)  # not eval's
         expected = sweep_logistic_regression(
-            backbone(train),
-            torch.tensor([int(dm.train_set[i][1]) for i in range(len(dm.train_set))]),
-            backbone(val),
+            train_features,
+            torch.tensor([int(dm.train_set[i][1]) for i in range(n)]),
+            val_features,
             torch.tensor([int(dm.val_set[i][1]) for i in range(len(dm.val_set))]),
             num_classes=10,
         )

@@ -54,8 +54,9 @@ class GradualUnfreezing(Callback):
     so the two share it) and the frozen epochs run on them; the first unfreeze switches back to
     images. Same batches, same order, same head weights as the uncached path (tested); a run
     resumed inside the frozen phase reads the cache again. With ``bn: stats`` the BatchNorm
-    statistics are first estimated once over the train images (see
-    :meth:`_estimate_bn_statistics`; not the uncached numbers, which move every batch). Off under
+    statistics and the train features come from one pass over the train images (see
+    :meth:`_adapt_bn_statistics`: batch statistics for the train features, as the uncached path
+    normalises its training batches; their average, AdaBN's estimate, for validation). Off under
     DDP (the backbone would get no gradients for DDP to reduce) and, with a reason logged,
     whenever a condition fails.
 
@@ -318,11 +319,17 @@ class GradualUnfreezing(Callback):
         if on and any(d.features is None for d in self._switchable):
             from tl_lightning.modules.feature_extraction import cache_split
 
-            if self.bn == BNPolicy.STATS:
-                self._estimate_bn_statistics(trainer, pl_module, self._switchable[0].images)
+            adapted = None
+            if self.bn == BNPolicy.STATS:  # before any cache: the statistics are in their key
+                train = next(d for d in self._switchable if d.attr_name == "train_set")
+                adapted = self._adapt_bn_statistics(trainer, pl_module, train.images)
             for dataset in self._switchable:
-                features = cache_split(pl_module, dataset.images, dataset.attr_name)
-                if len(features) != len(dataset.images):  # images that failed to load: rows shift
+                features = (
+                    adapted
+                    if adapted is not None and dataset.attr_name == "train_set"
+                    else cache_split(pl_module, dataset.images, dataset.attr_name)
+                )
+                if features is None or len(features) != len(dataset.images):  # rows would shift
                     rank_zero_info(
                         f"GradualUnfreezing: {len(dataset.images) - len(features)} images failed "
                         "to load; frozen epochs run on images"
@@ -453,19 +460,28 @@ class GradualUnfreezing(Callback):
                     p.grad = None
 
     @torch.no_grad()
-    def _estimate_bn_statistics(self, trainer: Trainer, pl_module: LightningModule, images) -> None:
-        """``bn: stats`` with a cache: every BatchNorm's statistics, estimated once over the train images.
+    def _adapt_bn_statistics(
+        self, trainer: Trainer, pl_module: LightningModule, images
+    ) -> Dataset | None:
+        """``bn: stats`` with a cache: one pass over the train images sets every BatchNorm's statistics
+        and yields the train features the frozen epochs use.
 
-        Uncached, ``stats`` normalises each frozen-epoch batch by its own statistics while the
-        running ones drift toward the data; features that change every epoch cannot be cached. Here
-        one pass (batch statistics, ``momentum=None``: the running values become the average over
-        all batches, AdaBN's estimate) sets them, and the cached features use them in eval mode.
-        Not the uncached path's numbers, but the same intent: normalisation fitted to this data, so
-        the head sees the same kind of features before and after the unfreeze.
+        The pass runs the BatchNorm layers in training mode over the train images in a fixed shuffled
+        order (``torch.randperm`` seeded 0; batches of the datamodule's size, so each mixes the
+        classes). Each batch is normalised by its own statistics, as training batches are in the
+        uncached path, and those outputs are the cached train features. With ``momentum=None`` the
+        running statistics become the average over the batches (AdaBN's estimate), which the
+        validation features, and every evaluation, then use. One forward pass over the train split:
+        the statistics and the train features of the frozen phase cost what one image epoch's
+        forward costs. Returns ``None`` if an image failed to load (the frozen epochs then run on
+        images).
         """
+        import numpy as np
         from torch.utils.data import DataLoader
+        from tqdm.auto import tqdm
 
         from tl_lightning.data.decode import skip_failed_collate
+        from tl_lightning.feature_cache import FeatureDataset
 
         backbone = self._backbone
         bns = [
@@ -475,29 +491,36 @@ class GradualUnfreezing(Callback):
         device = trainer.strategy.root_device
         datamodule = trainer.datamodule
         batch = getattr(datamodule, "batch_size", None) or 64
+        # own generator: the global RNG must not move (a cached run trains like an uncached one)
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
         was_training = backbone.training
         backbone.eval()
         for m in bns:
             m.reset_running_stats()
             m.momentum = None
             m.train()
-        # shuffled (own generator: the global RNG must not move) so batches mix the classes
         loader = DataLoader(
-            images,
-            batch_size=batch,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(0),
-            collate_fn=skip_failed_collate,
+            images, batch_size=batch, sampler=order.tolist(), collate_fn=skip_failed_collate
         )
         backbone.to(device)
-        for items in loader:
-            if items:
+        features, labels, start = None, np.empty(len(images), dtype=np.int64), 0
+        try:
+            for items in tqdm(loader, desc="BatchNorm statistics + train features", leave=False):
+                rows = order[start : start + batch].numpy()
+                start += batch
+                if not items or len(items[0]) != len(rows):  # a failed image: rows would shift
+                    return None
                 with trainer.precision_plugin.forward_context():
-                    backbone(items[0].to(device))
-        for m, momentum in zip(bns, momenta, strict=True):
-            m.momentum = momentum
-        backbone.train(was_training)
-        pl_module.train(pl_module.training)  # the BN policy again
+                    out = backbone(items[0].to(device)).float().cpu().numpy()
+                if features is None:
+                    features = np.empty((len(images), out.shape[1]), dtype=np.float32)
+                features[rows], labels[rows] = out, items[1].numpy()
+        finally:
+            for m, momentum in zip(bns, momenta, strict=True):
+                m.momentum = momentum
+            backbone.train(was_training)
+            pl_module.train(pl_module.training)  # the BN policy again
+        return None if features is None else FeatureDataset.from_arrays(features, labels)
 
     # --- freezing -----------------------------------------------------------------------------
     def _apply_freezing(self, epoch: int) -> None:
