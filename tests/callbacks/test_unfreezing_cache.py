@@ -177,6 +177,33 @@ def test_stats_policy_estimates_batchnorm_statistics_once_then_caches(tmp_path, 
     # the average of per-batch variances: the full variance less the spread of the batch means
     torch.testing.assert_close(bn1.running_var, var, rtol=0.05, atol=1e-4)
     assert not torch.allclose(fresh.backbone.body.bn1.running_mean, mean, atol=1e-2)  # it moved
+    # the pass's cumulative average is switched back off: after it, statistics move as usual
+    assert all(
+        m.momentum == f.momentum
+        for m, f in zip(net.backbone.modules(), fresh.backbone.modules(), strict=True)
+        if isinstance(m, torch.nn.BatchNorm2d)
+    )
+
+
+class BatchLabels(Callback):
+    """The labels of every training batch, in order."""
+
+    def __init__(self):
+        self.labels: list[list[int]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.labels.append(batch[1].tolist())
+
+
+def test_stats_policy_features_sit_on_their_images_rows(tmp_path, monkeypatch):
+    # the one pass visits the images shuffled; its features must land on their own rows, so the
+    # cached epoch sees the uncached epoch's batches (checked by their labels, in order)
+    monkeypatch.setenv("TL_LIGHTNING_CACHE", str(tmp_path / "cache"))
+    cached, plain = BatchLabels(), BatchLabels()
+    _, kinds, *_ = fit(tmp_path, 1, cache=True, bn="stats", callbacks=[cached])
+    fit(tmp_path, 1, cache=False, bn="stats", callbacks=[plain])
+    assert kinds.ndim == {0: {2}}
+    assert len(cached.labels) == 4 and cached.labels == plain.labels
 
 
 def test_persistent_workers_see_the_switch(tmp_path, monkeypatch):
