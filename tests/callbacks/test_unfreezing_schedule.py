@@ -138,6 +138,7 @@ def test_milestones_and_unfrozen_lr_scale():
 
 def test_lr_growth_is_backbone_finetunings_per_epoch_multiplier_capped_at_the_head():
     # layer4 at epoch 1, layer3 at epoch 2; ratio 0.1, growth 1.5 per epoch after each unfreezes
+    # (any multiplier; BackboneFinetuning's own default is checked against Lightning below)
     callback = GradualUnfreezing(
         milestones={1: ["layer4"], 2: ["layer3"]}, lr_ratio=0.1, lr_growth=1.5, log_lrs=False
     )
@@ -148,9 +149,68 @@ def test_lr_growth_is_backbone_finetunings_per_epoch_multiplier_capped_at_the_he
             lr = s["lrs"][f"backbone.{name}"]
             if s["epoch"] < start:
                 assert lr == 0.0
-            else:  # Lightning's BackboneFinetuning: 0.1 lr, x1.5 each epoch, at most the head's lr
+            else:  # 0.1 lr, x1.5 each epoch, at most the head's lr
                 expected = LR * 0.1
                 for _ in range(s["epoch"] - start):
                     expected = min(expected * 1.5, LR)
                 assert lr == pytest.approx(expected), (s["epoch"], name)
     assert steps[-1]["lrs"]["backbone.layer4"] == pytest.approx(LR)  # 0.1 * 1.5**7 > 1: capped
+
+
+class BackboneLR(Callback):
+    """The LR of the optimizer group holding the backbone's first conv, at each epoch's first step."""
+
+    def __init__(self):
+        self.lrs: dict[int, float] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        conv = pl_module.backbone.body.conv1.weight
+        group = next(
+            (g for g in optimizer.param_groups if any(p is conv for p in g["params"])), None
+        )
+        self.lrs.setdefault(
+            trainer.current_epoch, group["lr"] if group and conv.grad is not None else 0.0
+        )
+
+
+def test_lr_growth_2_is_lightning_backbone_finetunings_default_schedule():
+    # the expected LRs come from Lightning's own callback (its lambda_func default doubles the
+    # backbone LR each epoch, up to the head's), not from our arithmetic
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    from tl_lightning.modules.base import ClassifierModule
+
+    def run(module_cls, callback) -> dict[int, float]:
+        seed_everything(0)
+        model = module_cls(
+            num_classes=3,
+            backbone="resnet18",
+            weights=None,
+            optimizer=functools.partial(torch.optim.SGD, lr=LR),
+            channels_last=False,
+        )
+        data = TensorDataset(torch.randn(4, 3, 16, 16), torch.randint(0, 3, (4,)))
+        recorder = BackboneLR()
+        Trainer(
+            max_epochs=8,
+            limit_train_batches=1,
+            limit_val_batches=0,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[callback, recorder],
+        ).fit(model, DataLoader(data, batch_size=4))
+        return recorder.lrs
+
+    lightning = run(
+        ClassifierModule,
+        BackboneFinetuning(unfreeze_backbone_at_epoch=2, backbone_initial_ratio_lr=0.1),
+    )
+    ours = run(
+        FineTuneModule,
+        GradualUnfreezing(unfreeze_at_epoch=2, lr_ratio=0.1, lr_growth=2.0, log_lrs=False),
+    )
+    assert lightning[2] == pytest.approx(LR * 0.1) and lightning[7] == pytest.approx(LR)  # capped
+    assert ours == pytest.approx(lightning)

@@ -81,8 +81,8 @@ class GradualUnfreezing(Callback):
         unfrozen_lr_scale: multiplies every LR, head included, once the first group unfreezes
             (fastai's ``fine_tune`` halves: 0.5).
         lr_growth: multiply an unfrozen group's LR by this once per epoch after it unfroze,
-            never above the head's LR (Lightning's ``BackboneFinetuning`` grows 1.5x per epoch by
-            default: ``lr_growth: 1.5``); 1.0 keeps it constant.
+            never above the head's LR (Lightning's ``BackboneFinetuning`` doubles it per epoch by
+            default: ``lr_growth: 2.0``, tested against Lightning's own); 1.0 keeps it constant.
         warmup_steps: ramp a newly unfrozen group's LR linearly from 0 over this many steps.
         bn: BatchNorm policy of frozen groups: ``eval`` (stats and affine fixed), ``train``
             (both adapt), ``affine`` (affine params train at the group's LR), ``stats``
