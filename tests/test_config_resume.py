@@ -74,6 +74,9 @@ CASES = {
     # after it, mid-epoch, the resumed run re-solves, validates and stops like the full one
     "digits/linear_probe_lbfgs.yaml": (
         [*CONV4, *SMALL_DIGITS, "--checkpoint.every_n_train_steps=1"], None, 1),
+    # unfrozen from epoch 0 here, so the resumed epoch 1 runs at the backbone LR grown 2x
+    "digits/gradual_backbone_finetuning.yaml": (
+        [*CONV4, *SMALL_DIGITS, "--trainer.callbacks.unfreeze_at_epoch=0"], None, 5),
     "flowers102/finetune_efficientnet_b0.yaml": (FILES, "flowers", 5),
     "folder/image_folder.yaml": (FILES, "folder", 2),
     "protonet/flowers102_5way_5shot.yaml": (
