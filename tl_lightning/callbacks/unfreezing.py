@@ -106,6 +106,10 @@ class GradualUnfreezing(Callback):
         >>> unfreeze = GradualUnfreezing(milestones={5: ["layer4"], 10: [".*"]}, lr_ratio=0.1)
         >>> trainer = Trainer(max_epochs=20, callbacks=[unfreeze])
         >>> lp_then_ft = GradualUnfreezing(unfreeze_at_epoch=2, bn="stats", frozen_head="probe")
+        >>> # BackboneFinetuning's schedule (backbone at 0.1x, doubled each epoch), frozen phase cached
+        >>> like_lightning = GradualUnfreezing(
+        ...     unfreeze_at_epoch=2, lr_ratio=0.1, lr_growth=2.0, bn="stats"
+        ... )
     """
 
     def __init__(
