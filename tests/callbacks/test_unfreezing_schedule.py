@@ -48,20 +48,22 @@ class Recorder(Callback):
         )
 
 
-def fit(callback: GradualUnfreezing, max_epochs: int, batches: int = 2) -> list[dict]:
+def make_model(module_cls=FineTuneModule):
     seed_everything(0)
-    model = FineTuneModule(
+    return module_cls(
         num_classes=3,
         backbone="resnet18",
         weights=None,
         optimizer=functools.partial(torch.optim.SGD, lr=LR),
         channels_last=False,
     )
+
+
+def train(model, callbacks: list[Callback], max_epochs: int, batches: int) -> None:
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(
         torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 3, (8,), generator=g)
     )
-    recorder = Recorder()
     Trainer(
         max_epochs=max_epochs,
         limit_train_batches=batches,
@@ -71,8 +73,13 @@ def fit(callback: GradualUnfreezing, max_epochs: int, batches: int = 2) -> list[
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[callback, recorder],
+        callbacks=callbacks,
     ).fit(model, DataLoader(data, batch_size=4))
+
+
+def fit(callback: GradualUnfreezing, max_epochs: int, batches: int = 2) -> list[dict]:
+    recorder = Recorder()
+    train(make_model(), [callback, recorder], max_epochs, batches)
     return recorder.steps
 
 
@@ -181,27 +188,8 @@ def test_lr_growth_2_is_lightning_backbone_finetunings_default_schedule():
     from tl_lightning.modules.base import ClassifierModule
 
     def run(module_cls, callback) -> dict[int, float]:
-        seed_everything(0)
-        model = module_cls(
-            num_classes=3,
-            backbone="resnet18",
-            weights=None,
-            optimizer=functools.partial(torch.optim.SGD, lr=LR),
-            channels_last=False,
-        )
-        data = TensorDataset(torch.randn(4, 3, 16, 16), torch.randint(0, 3, (4,)))
         recorder = BackboneLR()
-        Trainer(
-            max_epochs=8,
-            limit_train_batches=1,
-            limit_val_batches=0,
-            accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[callback, recorder],
-        ).fit(model, DataLoader(data, batch_size=4))
+        train(make_model(module_cls), [callback, recorder], max_epochs=8, batches=1)
         return recorder.lrs
 
     lightning = run(
