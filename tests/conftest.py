@@ -38,3 +38,14 @@ def _quiet_lightning():
 @pytest.fixture
 def tiny_batch() -> torch.Tensor:
     return torch.randn(4, 3, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    tiny convolutions on a shared 2-core CPU only add contention with a second thread, and runs
+    compared bit for bit need one float reduction order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -5,22 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from tl_lightning.callbacks.unfreezing import GradualUnfreezing
 from tl_lightning.cli import run_cli
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "digits" / "gradual_seeds.yaml"
 GROUPS = ["stem", *(f"blocks.{i}" for i in range(7)), "neck"]  # efficientnet_lite0, input first
 HEAD_LR, RATIO, DECAY, WARMUP = 1e-3, 0.1, 0.7, 20  # the config's values
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.filterwarnings("ignore:`ModelCheckpoint\\(monitor='val/acc'\\)` could not find")

@@ -34,17 +34,10 @@ from tl_lightning.modules.feature_extraction import FeatureExtractionModule
 from tl_lightning.modules.finetune import FineTuneModule
 from tl_lightning.modules.protonet import ProtoNetModule
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REPO = Path(__file__).resolve().parents[2]
 KINDS = ("scalars", "images", "histograms", "tensors", "compressedHistograms", "audio")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny convolutions on a shared 2-core CPU: a second intra-op thread only adds contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class SmallDigits(DigitsDataModule):

@@ -20,16 +20,9 @@ from tl_lightning.modules.base import ClassifierModule
 from tl_lightning.modules.finetune import FineTuneModule
 from tl_lightning.optim import OneCycleLR, WarmupCosine
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "digits"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny convolutions on a shared 2-core CPU: a second intra-op thread only adds contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def loaders(n: int = 32, batch: int = 8) -> tuple[DataLoader, DataLoader]:

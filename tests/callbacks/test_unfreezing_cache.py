@@ -13,13 +13,7 @@ from tests.helpers import tiny_digits
 from tl_lightning.callbacks.unfreezing import FrozenPhaseDataset, GradualUnfreezing
 from tl_lightning.modules.finetune import FineTuneModule
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class InputKinds(Callback):

@@ -14,13 +14,7 @@ from tl_lightning.callbacks.unfreezing import GradualUnfreezing
 from tl_lightning.modules.finetune import FineTuneModule
 from tl_lightning.probe import sweep_logistic_regression
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Heads(Callback):

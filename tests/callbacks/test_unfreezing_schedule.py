@@ -14,15 +14,10 @@ from tl_lightning.modules.finetune import FineTuneModule
 
 GROUPS = ["stem", "layer1", "layer2", "layer3", "layer4"]  # resnet18, input side first
 LR = 0.01
-pytestmark = pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no"),
+]
 
 
 class Recorder(Callback):

@@ -10,7 +10,10 @@ import tl_lightning.backbones.dann_cnn  # noqa: F401  (registers dann_cnn)
 from tl_lightning.modules.dann import DANNModule
 
 # training_step runs without a Trainer here: its self.log calls are no-ops
-pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`"),
+]
 
 TINY = dict(
     backbone="dann_cnn",
@@ -20,14 +23,6 @@ TINY = dict(
     domain_dropout=0.0,  # deterministic: the reference pass must see the same network
     channels_last=False,
 )
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _model_and_batch(lam: float, weight: float, source_only: bool = False):
