@@ -200,6 +200,52 @@ def test_stats_policy_features_sit_on_their_images_rows(tmp_path, monkeypatch):
     assert len(cached.labels) == 4 and cached.labels == plain.labels
 
 
+class OneImageFails(torch.utils.data.Dataset):
+    """The wrapped split with its image ``index`` failing to load (``None``, as a broken file)."""
+
+    def __init__(self, images, index: int):
+        self.images, self.index = images, index
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return None if i == self.index else self.images[i]
+
+    def __getattr__(self, name):  # transform, targets...: the split's own
+        return getattr(self.__dict__["images"], name)
+
+
+@pytest.mark.parametrize("bn", ["eval", "stats"])
+def test_a_failed_train_image_keeps_the_frozen_phase_on_images(tmp_path, monkeypatch, caplog, bn):
+    # cached rows would shift past the missing image: the frozen epochs must stay on images,
+    # say so, and (stats) not spend a second pass caching features it cannot use
+    from tl_lightning.data.digits import DigitsDataModule
+    from tl_lightning.modules import feature_extraction
+
+    monkeypatch.setenv("TL_LIGHTNING_CACHE", str(tmp_path / "cache"))
+    setup = DigitsDataModule.setup
+
+    def setup_with_a_failed_image(self, stage=None):
+        setup(self, stage)
+        if not isinstance(self.train_set, OneImageFails):
+            self.train_set = OneImageFails(self.train_set, index=5)
+
+    cached = []
+    cache_split = feature_extraction.cache_split
+    monkeypatch.setattr(DigitsDataModule, "setup", setup_with_a_failed_image)
+    monkeypatch.setattr(
+        feature_extraction,
+        "cache_split",
+        lambda *a, **k: cached.append(a[2]) or cache_split(*a, **k),
+    )
+    caplog.set_level("INFO", logger="lightning.pytorch")
+    _, kinds, trainer, _ = fit(tmp_path, 1, cache=True, bn=bn)
+    assert kinds.ndim == {0: {4}} and trainer.global_step == 4
+    assert "train images failed to load; frozen epochs run on images" in caplog.text
+    assert cached == (["train_set"] if bn == "eval" else [])
+
+
 def test_persistent_workers_see_the_switch(tmp_path, monkeypatch):
     # worker processes live across epochs: the flag they read must be shared memory
     monkeypatch.setenv("TL_LIGHTNING_CACHE", str(tmp_path / "cache"))

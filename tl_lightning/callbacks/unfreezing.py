@@ -327,16 +327,18 @@ class GradualUnfreezing(Callback):
             if self.bn == BNPolicy.STATS:  # before any cache: the statistics are in their key
                 train = next(d for d in self._switchable if d.attr_name == "train_set")
                 adapted = self._adapt_bn_statistics(trainer, pl_module, train.images)
-            for dataset in self._switchable:
+            for dataset in self._switchable:  # train first: a failed pass caches nothing
+                from_pass = self.bn == BNPolicy.STATS and dataset.attr_name == "train_set"
                 features = (
                     adapted
-                    if adapted is not None and dataset.attr_name == "train_set"
+                    if from_pass
                     else cache_split(pl_module, dataset.images, dataset.attr_name)
                 )
                 if features is None or len(features) != len(dataset.images):  # rows would shift
+                    split = dataset.attr_name.removesuffix("_set")
                     rank_zero_info(
-                        f"GradualUnfreezing: {len(dataset.images) - len(features)} images failed "
-                        "to load; frozen epochs run on images"
+                        f"GradualUnfreezing: {split} images failed to load; frozen epochs run on "
+                        "images"
                     )
                     self._switchable = []
                     return
